@@ -1,0 +1,173 @@
+"""Corpus -> WebDataset shards, URL expansion, and the check that a job's shards exist before it starts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from braceexpand import braceexpand
+from webdataset import TarWriter
+
+from ember.errors import InternalError, UserError
+from ember.spec.data import DataSpec
+
+log = logging.getLogger(__name__)
+
+SKIPPED_FOLDERS = frozenset({"site-packages", "test", "tests", "idlelib"})
+MANIFEST_NAME = "shards.json"
+# A scheme of two letters or more, so that a Windows drive letter is not mistaken for one.
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):")
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    relpath: str
+    path: Path
+    size: int
+
+
+def build_text_shards(
+    out: Path,
+    source: str = "stdlib",
+    train_shards: int = 8,
+    val_fraction: float = 0.05,
+    max_bytes: int | None = None,
+) -> dict[str, Any]:
+    """Write `train-NNNNNN.tar` x train_shards, `val-000000.tar` and `shards.json` into `out`; return the manifest."""
+    out = Path(out)
+    files = collect_source_files(source, max_bytes)
+    train, val = split_train_val(files, val_fraction)
+    groups = deal_by_bytes(train, train_shards)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private, and it becomes `out` itself
+    try:
+        named = [(f"train-{i:06d}.tar", group) for i, group in enumerate(groups)] + [("val-000000.tar", val)]
+        shards = [write_shard(staging / name, group) for name, group in named]
+        manifest = {"source": source, "shards": shards, "created_by": "ember"}
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("wrote %d train + 1 val shards (%d files) to %s", train_shards, len(files), out)
+    return manifest
+
+
+def collect_source_files(source: str, max_bytes: int | None = None) -> list[SourceFile]:
+    """The corpus files in sorted path order; with `max_bytes`, the longest prefix that fits in it."""
+    if source != "stdlib":
+        raise UserError(f"unknown text source {source!r}; the only one is 'stdlib'")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    paths = sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix())
+    files, total = [], 0
+    for path in paths:
+        relative = path.relative_to(root)
+        if SKIPPED_FOLDERS.intersection(relative.parts[:-1]) or not path.is_file():
+            continue
+        size = path.stat().st_size
+        if max_bytes is not None and total + size > max_bytes:
+            break
+        files.append(SourceFile(relative.as_posix(), path, size))
+        total += size
+    return files
+
+
+def is_validation(relpath: str, val_fraction: float) -> bool:
+    """A stable split: it depends on the path alone, not on which other files exist."""
+    return int(hashlib.sha256(relpath.encode()).hexdigest()[:8], 16) / 2**32 < val_fraction
+
+
+def split_train_val(files: list[SourceFile], val_fraction: float) -> tuple[list[SourceFile], list[SourceFile]]:
+    val = [f for f in files if is_validation(f.relpath, val_fraction)]
+    train = [f for f in files if not is_validation(f.relpath, val_fraction)]
+    return train, val
+
+
+def deal_by_bytes(files: list[SourceFile], shards: int) -> list[list[SourceFile]]:
+    """Give each file, in path order, to the shard holding the fewest bytes so far (lowest index on ties)."""
+    if len(files) < shards:
+        raise UserError(f"only {len(files)} training files for {shards} shards; lower train_shards or max_bytes")
+    groups: list[list[SourceFile]] = [[] for _ in range(shards)]
+    sizes = [0] * shards
+    for file in files:
+        target = min(range(shards), key=lambda i: (sizes[i], i))
+        groups[target].append(file)
+        sizes[target] += file.size
+    return groups
+
+
+def sample_key(relpath: str) -> str:
+    """A WebDataset key: no dots (the key ends at the first one) and no slashes."""
+    return relpath.replace(".", "_").replace("/", "--")
+
+
+def write_shard(path: Path, files: list[SourceFile]) -> dict[str, Any]:
+    """Write one tar of `txt` samples; fixed owner and mtime so equal inputs give equal bytes."""
+    keys = [sample_key(f.relpath) for f in files]
+    if len(set(keys)) != len(keys):
+        raise InternalError(f"sample keys collide in {path.name}")
+    with open(path, "wb") as stream, TarWriter(stream, user="ember", group="ember", mtime=0, encoder=False) as tar:
+        for key, file in zip(keys, files):
+            tar.write({"__key__": key, "txt": file.path.read_bytes()})
+    data = path.read_bytes()
+    return {"name": path.name, "samples": len(files), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Move a finished shard set into place: one folder rename when possible, else file by file with the
+    manifest last, so `shards.json` only ever describes complete shards."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    try:
+        os.replace(staging, out)
+        return
+    except OSError:
+        out.mkdir(parents=True, exist_ok=True)
+    for item in sorted(staging.iterdir(), key=lambda p: (p.name == MANIFEST_NAME, p.name)):
+        os.replace(item, out / item.name)
+
+
+def expand_urls(urls: str | list[str]) -> list[str]:
+    """Brace-expand each pattern (`train-{000000..000007}.tar`), keeping the given order."""
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    return [url for pattern in patterns for url in braceexpand(pattern)]
+
+
+def local_path(url: str) -> Path | None:
+    """The file behind a local path or file:// URL; None for remote URLs (http, s3, pipe:, ...)."""
+    match = _SCHEME.match(url)
+    if match is None:
+        return Path(url)
+    if match.group(1).lower() == "file":
+        return Path(url[len("file://") :] if url.startswith("file://") else url[len("file:") :])
+    return None
+
+
+def missing_local_shards(data_spec: DataSpec) -> list[str]:
+    shard_sets = [data_spec.train] + ([data_spec.val] if data_spec.val is not None else [])
+    urls = [url for shard_set in shard_sets for url in expand_urls(shard_set.urls)]
+    return [url for url in urls if (path := local_path(url)) is not None and not path.is_file()]
+
+
+def ensure_shards(data_spec: DataSpec) -> None:
+    """Build the shards if the spec says how and some are missing; then fail once, listing every missing file."""
+    build = data_spec.build
+    if build is not None and missing_local_shards(data_spec):
+        build_text_shards(Path(build.out), build.source, build.train_shards, build.val_fraction)
+    missing = missing_local_shards(data_spec)
+    if missing:
+        listing = "\n  ".join(missing)
+        raise UserError(
+            f"{len(missing)} shard file(s) missing:\n  {listing}\n"
+            "Build them with `ember data build text --source stdlib --out DIR` (or add a data.build section "
+            "so `ember run` builds them), or fix data.train.urls / data.val.urls."
+        )

@@ -1,0 +1,104 @@
+"""Where each slot of a shard stream is, and the pure arithmetic that decides which shards a slot reads.
+
+A stream has `num_slots` canonical slots, whatever the world size. In epoch e, slot s reads the shards
+`order[s::num_slots]` of a seeded permutation `order`; a rank reads the slots `s % world_size == rank`.
+Because the sample order depends only on (shards, seed, num_slots), a cursor survives a new world size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ember.errors import InternalError, UserError
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A seed for one epoch's shard order; sha256 because Python's hash() is salted per process."""
+    digest = hashlib.sha256(f"ember-shard-order:{seed}:{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    """The permutation of shard indices used in one epoch."""
+    order = list(range(num_shards))
+    random.Random(epoch_seed(seed, epoch)).shuffle(order)
+    return order
+
+
+def slot_shards(num_shards: int, num_slots: int, seed: int, epoch: int, slot: int) -> list[int]:
+    """Shard indices that `slot` reads in `epoch`, in reading order."""
+    return epoch_shard_order(num_shards, seed, epoch)[slot::num_slots]
+
+
+def slot_is_empty(num_shards: int, num_slots: int, slot: int) -> bool:
+    """Whether a slot gets no shard; the same in every epoch, as each epoch deals the same count."""
+    return slot >= num_shards
+
+
+def rank_slots(num_shards: int, num_slots: int, rank: int, world_size: int) -> list[int]:
+    """The non-empty slots a rank reads, in the order it takes rows from them."""
+    if not 0 <= rank < world_size:
+        raise InternalError(f"rank {rank} is outside world size {world_size}")
+    if num_shards < 1:
+        raise UserError("the shard list is empty; check data.train.urls")
+    owned = [s for s in range(rank, num_slots, world_size) if not slot_is_empty(num_shards, num_slots, s)]
+    if not owned:
+        raise UserError(
+            f"rank {rank} of {world_size} gets no data: {num_shards} shard(s) fill only "
+            f"{min(num_shards, num_slots)} of data.num_slots={num_slots} slots. Use fewer workers, "
+            "or raise data.num_slots and the shard count (e.g. `ember data build text --train-shards N`)."
+        )
+    return owned
+
+
+def pointer_key(rank: int, world_size: int) -> str:
+    """Key of a rank's round-robin pointer; it includes the world size because it is only valid there."""
+    return f"{world_size}:{rank}"
+
+
+@dataclass
+class SlotCursor:
+    """Position of the next row of one slot: the epoch, the shard within the slot's list, the sample
+    within that shard, and the token offset within that sample (its separator counts)."""
+
+    epoch: int = 0
+    shard_pos: int = 0
+    sample_index: int = 0
+    byte_offset: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> SlotCursor:
+        return cls(**{name: int(raw[name]) for name in ("epoch", "shard_pos", "sample_index", "byte_offset")})
+
+    def next_sample(self, index: int) -> None:
+        """Move to sample `index` of the current shard (later ones may have been skipped)."""
+        if index != self.sample_index:
+            self.sample_index, self.byte_offset = index, 0
+
+    def next_shard(self, shards_per_slot: int) -> None:
+        """Move to the start of the slot's next shard, wrapping into the next epoch."""
+        self.shard_pos, self.sample_index, self.byte_offset = self.shard_pos + 1, 0, 0
+        if self.shard_pos >= shards_per_slot:
+            self.epoch, self.shard_pos = self.epoch + 1, 0
+
+
+def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge the `state()` of every rank into one cursor (what the trainer saves after all_gather)."""
+    if not states:
+        raise InternalError("merge_states needs at least one state")
+    identity = {key: states[0][key] for key in ("seed", "num_slots", "num_shards")}
+    merged: dict[str, Any] = {**identity, "slots": {}, "next_slot": {}}
+    for state in states:
+        if any(state[key] != value for key, value in identity.items()):
+            raise InternalError(f"ranks disagree on the stream identity: {identity} vs {state}")
+        for slot, cursor in state["slots"].items():
+            if merged["slots"].setdefault(slot, cursor) != cursor:
+                raise InternalError(f"two ranks report different positions for slot {slot}")
+        merged["next_slot"].update(state["next_slot"])
+    return merged

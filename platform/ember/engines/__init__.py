@@ -1,0 +1,7 @@
+"""Engines: how a model is distributed and stepped. All share the Engine interface in base.py."""
+
+from __future__ import annotations
+
+from ember.engines.base import Engine, build_engine
+
+__all__ = ["Engine", "build_engine"]

@@ -1,0 +1,115 @@
+"""PyTorch DistributedDataParallel, and `TorchEngine`: the step logic DDP, FSDP2 and fairscale share.
+
+A TorchEngine owns the plain-torch parts of a step: loss scaling for gradient accumulation, skipping the
+gradient sync on all but the last micro-batch, bf16 autocast, clip + optimizer + scheduler, and
+rank-0 checkpoint files. Subclasses say how their wrapper skips a sync and how they clip and save.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ember.engines.base import ENGINES
+from ember.engines.optim import build_optimizer, build_scheduler
+from ember.models.layers.moe import attach_expert_groups
+from ember.world import World
+
+
+class TorchEngine:
+    """Common step logic over a wrapped module; subclasses override the hooks named `_...`."""
+
+    def __init__(
+        self, spec, module: nn.Module, wrapped: nn.Module, optimizer: torch.optim.Optimizer, world: World,
+        autocast: bool = True,
+    ) -> None:
+        self.module, self.wrapped, self.optimizer, self.world = module, wrapped, optimizer, world
+        self.scheduler = build_scheduler(optimizer, spec.optim, spec.schedule.steps)
+        self.accumulation = spec.grad_accumulation
+        self.grad_clip = spec.engine.grad_clip
+        self.autocast = autocast and spec.engine.precision == "bf16"
+        self.backwards = 0  # micro-batches seen; decides which one carries the gradient sync
+
+    @property
+    def is_moe_aware(self) -> bool:
+        return False
+
+    @property
+    def syncs_next_backward(self) -> bool:
+        """True when the coming backward is the last micro-batch of the optimizer step."""
+        return (self.backwards + 1) % self.accumulation == 0
+
+    def forward(self, *args: Any) -> Any:
+        autocast = torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+        with autocast, self._forward_context():
+            return self.wrapped(*args)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        with self._backward_context():
+            (loss / self.accumulation).backward()
+        self.backwards += 1
+
+    def step(self) -> float:
+        norm = self._clip_grad_norm()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def save(self, folder: Path) -> None:
+        optimizer_state = self._optimizer_state()
+        if self.world.is_main:
+            torch.save(self.module.state_dict(), folder / "model.pt")
+            torch.save(optimizer_state, folder / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+        self.world.barrier()
+
+    def load(self, folder: Path) -> None:
+        self.module.load_state_dict(_read(folder / "model.pt", self.world.device))
+        self.optimizer.load_state_dict(_read(folder / "optimizer.pt", self.world.device))
+        self.scheduler.load_state_dict(_read(folder / "scheduler.pt", "cpu"))
+
+    # Hooks: how this wrapper skips a gradient sync, clips, and gathers its optimizer state.
+    def _forward_context(self) -> AbstractContextManager:
+        return nullcontext()
+
+    def _backward_context(self) -> AbstractContextManager:
+        return nullcontext()
+
+    def _clip_grad_norm(self) -> float:
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if self.grad_clip is None:
+            return float(torch.nn.utils.get_total_norm(grads))
+        return float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip))
+
+    def _optimizer_state(self) -> dict | None:
+        """The full optimizer state on rank 0 (collective where the optimizer is sharded)."""
+        return self.optimizer.state_dict() if self.world.is_main else None
+
+
+def _read(path: Path, device: torch.device | str) -> Any:
+    return torch.load(path, map_location=device, weights_only=False)
+
+
+class DDPEngine(TorchEngine):
+    def _forward_context(self) -> AbstractContextManager:
+        # DDP decides in forward whether the coming backward reduces gradients.
+        return nullcontext() if self.syncs_next_backward else self.wrapped.no_sync()
+
+
+@ENGINES.register("ddp")
+def build_ddp_engine(spec, model: nn.Module, world: World) -> DDPEngine:
+    model.to(world.device)
+    attach_expert_groups(model, world.backend)  # MoE layers need their (size-1) expert groups
+    device_ids = [world.device.index] if world.device.type == "cuda" else None
+    wrapped = DistributedDataParallel(model, device_ids=device_ids)
+    optimizer = build_optimizer(model, spec.optim, fused=world.device.type == "cuda")
+    return DDPEngine(spec, model, wrapped, optimizer, world)

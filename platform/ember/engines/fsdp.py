@@ -1,0 +1,77 @@
+"""PyTorch FSDP2: `fully_shard` on every transformer block, then on the root.
+
+bf16 runs through FSDP's MixedPrecisionPolicy (bf16 parameters in compute, fp32 gradient reduction and
+master weights) rather than autocast. Checkpoints are torch.distributed.checkpoint folders: every rank
+writes its own shards, and a load reshards onto this world.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from ember.engines.base import ENGINES
+from ember.engines.ddp import TorchEngine, _read
+from ember.engines.optim import build_optimizer
+from ember.models.layers.moe import attach_expert_groups
+from ember.world import World
+
+
+class FSDPEngine(TorchEngine):
+    def _backward_context(self) -> AbstractContextManager:
+        # Non-final micro-batches keep unsharded gradients and skip the reduce-scatter.
+        self.wrapped.set_requires_gradient_sync(self.syncs_next_backward)
+        return nullcontext()
+
+    def _clip_grad_norm(self) -> float:
+        max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+    def save(self, folder: Path) -> None:
+        model_state, optimizer_state = get_state_dict(self.module, self.optimizer)
+        if self.world.is_main:
+            torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+        self.world.barrier()
+
+    def load(self, folder: Path) -> None:
+        model_state, optimizer_state = get_state_dict(self.module, self.optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=str(folder))
+        set_state_dict(
+            self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+        )
+        self.scheduler.load_state_dict(_read(folder / "scheduler.pt", "cpu"))
+
+
+def shard_model(model: nn.Module, world: World, reshard_after_forward: bool, bf16: bool) -> nn.Module:
+    """fully_shard each block (one all-gather per block) and the root (embeddings, head, final norm)."""
+    mesh = init_device_mesh(world.device.type, (world.world_size,))
+    if bf16:
+        # Blocks hand bf16 activations to each other; only the root casts its output (logits) back to fp32.
+        inner = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        root = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32)
+    else:
+        inner = root = MixedPrecisionPolicy()
+    for block in getattr(model, "blocks", []):
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=inner)
+    return fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=root)
+
+
+@ENGINES.register("fsdp")
+def build_fsdp_engine(spec, model: nn.Module, world: World) -> FSDPEngine:
+    model.to(world.device)
+    attach_expert_groups(model, world.backend)  # MoE layers need their (size-1) expert groups
+    bf16 = spec.engine.precision == "bf16"
+    sharded = shard_model(model, world, spec.engine.reshard_after_forward, bf16)
+    optimizer = build_optimizer(sharded, spec.optim, fused=world.device.type == "cuda")
+    return FSDPEngine(spec, sharded, sharded, optimizer, world, autocast=False)

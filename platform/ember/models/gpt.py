@@ -1,0 +1,107 @@
+"""A GPT in plain torch (nanoGPT's shape): dense or Mixture-of-Experts FFNs, no distributed code."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ember.models.layers.attention import CausalSelfAttention
+from ember.models.layers.mlp import MLP
+from ember.models.layers.moe import MoEFFN, build_moe_ffn
+from ember.spec.model import GPTSpec
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor
+    aux_loss: torch.Tensor  # sum of MoE load-balancing losses; 0 for a dense model
+
+
+class Block(nn.Module):
+    def __init__(self, spec: GPTSpec, use_moe: bool, ep_rank: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(spec.d_model)
+        self.attn = CausalSelfAttention(spec.d_model, spec.n_heads, spec.dropout)
+        self.ln2 = nn.LayerNorm(spec.d_model)
+        if use_moe:
+            self.ffn = build_moe_ffn(spec.d_model, spec.ffn_width, spec.moe, ep_rank, spec.dropout)
+        else:
+            self.ffn = MLP(spec.d_model, spec.ffn_width, spec.dropout)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.ln1(x))
+        out = self.ffn(self.ln2(x))
+        if isinstance(out, tuple):
+            return x + out[0], out[1]
+        return x + out, x.new_zeros(())
+
+
+class GPT(nn.Module):
+    def __init__(self, spec: GPTSpec, ep_rank: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        self.spec = spec
+        self.tok_emb = nn.Embedding(spec.vocab_size, spec.d_model)
+        self.pos_emb = nn.Embedding(spec.seq_len, spec.d_model)
+        self.blocks = nn.ModuleList(Block(spec, self._is_moe_layer(i), ep_rank) for i in range(spec.n_layers))
+        self.ln_f = nn.LayerNorm(spec.d_model)
+        self.head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
+        if spec.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        self._init_weights(seed)
+
+    def _is_moe_layer(self, index: int) -> bool:
+        moe = self.spec.moe
+        return moe is not None and (index + 1) % moe.every_n_layers == 0
+
+    def _init_weights(self, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        init_module(self, generator, self.spec.n_layers, skip=MoEFFN)
+        for index, block in enumerate(self.blocks):
+            if isinstance(block.ffn, MoEFFN):
+                block.ffn.init_experts(seed, index, lambda m, g: init_module(m, g, self.spec.n_layers))
+
+    def forward(self, idx: torch.Tensor) -> ModelOutput:
+        positions = torch.arange(idx.shape[1], device=idx.device)
+        x = self.tok_emb(idx) + self.pos_emb(positions)
+        aux_total = x.new_zeros(())
+        for block in self.blocks:
+            if self.spec.activation_checkpointing and self.training:
+                x, aux = checkpoint(block, x, use_reentrant=False)
+            else:
+                x, aux = block(x)
+            aux_total = aux_total + aux
+        return ModelOutput(self.head(self.ln_f(x)), aux_total)
+
+
+def init_module(module: nn.Module, generator: torch.Generator, n_layers: int, skip: type | None = None) -> None:
+    """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layers); deterministic per generator."""
+    for name, child in module.named_modules():
+        if skip is not None and _inside(name, module, skip):
+            continue
+        if isinstance(child, nn.Linear):
+            std = 0.02 / math.sqrt(2 * n_layers) if name.endswith("proj") else 0.02
+            with torch.no_grad():
+                child.weight.copy_(torch.randn(child.weight.shape, generator=generator) * std)
+                if child.bias is not None:
+                    child.bias.zero_()
+        elif isinstance(child, nn.Embedding):
+            with torch.no_grad():
+                child.weight.copy_(torch.randn(child.weight.shape, generator=generator) * 0.02)
+
+
+def _inside(name: str, root: nn.Module, kind: type) -> bool:
+    """True when the submodule at `name` lies inside a module of type `kind` (but the gate stays ours)."""
+    parts = name.split(".") if name else []
+    node = root
+    for part in parts:
+        node = getattr(node, part)
+        if isinstance(node, kind):
+            return "deepspeed_experts" in name
+    return False
+
+
+def build_model(spec: GPTSpec, ep_rank: int = 0, seed: int = 0) -> GPT:
+    return GPT(spec, ep_rank=ep_rank, seed=seed)

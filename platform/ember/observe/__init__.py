@@ -1,0 +1,1 @@
+"""What a run shows: TensorBoard event files and the console progress."""

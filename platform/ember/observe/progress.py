@@ -1,0 +1,80 @@
+"""Progress from the training workers to the person at the terminal.
+
+Rank 0 sends small events (dicts) through a Ray queue; the driver renders them with rich: a progress
+bar plus one line every `log_every` steps. Without a queue (torchrun, tests) events print as lines.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+class Reporter:
+    """Worker side: rank 0 emits events; other ranks stay quiet."""
+
+    def __init__(self, queue: Any | None, is_main: bool) -> None:
+        self.queue = queue
+        self.is_main = is_main
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        if not self.is_main:
+            return
+        event = {"kind": kind, "time": time.time(), **fields}
+        if self.queue is not None:
+            self.queue.put(event)
+        else:
+            print(format_event(event), flush=True)
+
+
+def format_event(event: dict[str, Any]) -> str:
+    kind = event["kind"]
+    if kind == "log":
+        line = (
+            f"step {event['step']:>6}/{event['total']}  loss {event['loss']:.4f}  lr {event['lr']:.2e}  "
+            f"grad_norm {event['grad_norm']:.3f}  tokens/s {event['tokens_per_s']:,.0f}"
+        )
+        return line + (f"  aux {event['aux_loss']:.4f}" if "aux_loss" in event else "")
+    if kind == "eval":
+        return f"step {event['step']:>6}  held-out loss {event['val_loss']:.4f} nats/token"
+    if kind == "checkpoint":
+        return f"step {event['step']:>6}  checkpoint committed: {event['path']}"
+    if kind == "resume":
+        return f"resuming from {event['path']} (step {event['step']})"
+    if kind == "sample":
+        return f"sample after {event['step']} steps:\n{event['text']}"
+    if kind == "start":
+        return f"training {event['total']} steps on {event['world_size']} workers ({event['device']}), from step {event['step']}"
+    return str(event)
+
+
+class ProgressView:
+    """Driver side: a rich progress bar with log lines printed above it."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console()
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=self.console, transient=False,
+        )
+        self._task = None
+
+    def __enter__(self) -> ProgressView:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def handle(self, event: dict[str, Any]) -> None:
+        kind = event["kind"]
+        if kind == "start":
+            self._task = self._progress.add_task("train", total=event["total"], completed=event["step"], status="")
+        if kind == "step" and self._task is not None:
+            self._progress.update(self._task, completed=event["step"], status=f"loss {event['loss']:.3f}")
+            return
+        if kind in ("log", "eval", "checkpoint", "resume", "sample", "start"):
+            self._progress.console.print(format_event(event), markup=False, highlight=False)

@@ -1,0 +1,42 @@
+"""Autoregressive sampling: greedy, temperature and top-k, seeded."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+@torch.no_grad()
+def sample_tokens(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    prompt: list[int],
+    max_new_tokens: int,
+    seq_len: int,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> list[int]:
+    """`forward` maps [1, T] token ids to [1, T, vocab] logits; the context is cropped to seq_len."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    tokens = list(prompt) or [0]
+    for _ in range(max_new_tokens):
+        context = torch.tensor([tokens[-seq_len:]], dtype=torch.long, device=device)
+        logits = forward(context)[0, -1].float().cpu()
+        tokens.append(pick_token(logits, temperature, top_k, generator))
+    return tokens[len(prompt):] if prompt else tokens[1:]
+
+
+def pick_token(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.numel():
+        threshold = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+
+
+def decode_bytes(tokens: list[int]) -> str:
+    return bytes(t for t in tokens if 0 < t < 256).decode("utf-8", errors="replace")

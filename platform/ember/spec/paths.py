@@ -1,0 +1,35 @@
+"""Input paths in a spec are relative to the spec file's folder; outputs are relative to where you run."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://|^pipe:")
+
+
+def resolve_path(value: str, base: Path) -> str:
+    if _URL.match(value) or Path(value).is_absolute():
+        return value
+    return str(base / value)
+
+
+def resolve_input_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    result = copy.deepcopy(raw)
+    data = result.get("data")
+    if not isinstance(data, dict):
+        return result
+    for split in ("train", "val"):
+        shard_set = data.get(split)
+        if isinstance(shard_set, dict):
+            urls = shard_set.get("urls")
+            if isinstance(urls, str):
+                shard_set["urls"] = resolve_path(urls, base)
+            elif isinstance(urls, list):
+                shard_set["urls"] = [resolve_path(u, base) if isinstance(u, str) else u for u in urls]
+    build = data.get("build")
+    if isinstance(build, dict) and isinstance(build.get("out"), str):
+        build["out"] = resolve_path(build["out"], base)
+    return result

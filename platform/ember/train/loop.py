@@ -1,0 +1,215 @@
+"""The rank-local training loop. Every worker runs `train_worker`; the whole step fits on one screen."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ember.checkpoint.manager import CheckpointManager, read_state
+from ember.data.build import expand_urls
+from ember.data.stream import ShardStream, merge_states
+from ember.engines import build_engine
+from ember.errors import UserError
+from ember.models import build_model
+from ember.observe.progress import Reporter
+from ember.observe.tensorboard import TensorBoardLogger
+from ember.serve.sampling import decode_bytes, sample_tokens
+from ember.spec import JobSpec
+from ember.train.objectives.lm import lm_loss, split_batch
+from ember.world import World, world_from_env
+
+
+def train_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Entry point of every training worker (Ray Train, torchrun or a test's spawned ranks)."""
+    spec = JobSpec.model_validate(config["spec"])
+    moe = spec.model.moe
+    world = world_from_env(spec.cluster.device, ep_size=moe.ep_size if moe else 1)
+    torch.set_num_threads(max(1, int(spec.cluster.cpus_per_worker)))
+    trainer = Trainer(spec, world, Path(config["run_dir"]), Reporter(config.get("queue"), world.is_main))
+    return trainer.fit()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, spec: JobSpec, world: World, run_dir: Path, reporter: Reporter) -> None:
+        self.spec, self.world, self.run_dir, self.reporter = spec, world, run_dir, reporter
+        seed_everything(spec.schedule.seed)
+        self.model = build_model(spec.model, ep_rank=world.ep_rank, seed=spec.schedule.seed).to(world.device)
+        self.engine = build_engine(spec, self.model, world)
+        self.train_stream = self._stream(spec.data.train.urls)
+        self.batches = iter(self.train_stream)
+        facts = {"spec_hash": spec.fingerprint(), "engine": spec.engine.kind, "spec": spec.model_dump(mode="json")}
+        self.checkpoints = CheckpointManager(run_dir / "checkpoints", world, spec.checkpoint.keep_last, facts)
+        self.tensorboard = TensorBoardLogger(run_dir / "tensorboard", spec.logging.tensorboard and world.is_main)
+        self.step = 0
+        self.metrics: dict[str, Any] = {}
+
+    def _stream(self, urls: str | list[str]) -> ShardStream:
+        return ShardStream(
+            expand_urls(urls), seq_len=self.spec.model.seq_len, micro_batch=self.spec.schedule.micro_batch,
+            rank=self.world.rank, world_size=self.world.world_size, num_slots=self.spec.data.num_slots,
+            seed=self.spec.data.seed, on_error=self.spec.data.on_error,
+        )
+
+    def fit(self) -> dict[str, Any]:
+        self.resume()
+        total = self.spec.schedule.steps
+        self.reporter.emit("start", step=self.step, total=total, world_size=self.world.world_size,
+                           device=str(self.world.device))
+        window_start, window_steps = time.perf_counter(), 0
+        while self.step < total:
+            stats = self.train_step()
+            self.step += 1
+            window_steps += 1
+            self.tensorboard.scalars(self.step, stats, prefix="train/")
+            self.reporter.emit("step", step=self.step, loss=stats["loss"])
+            if self.step % self.spec.logging.log_every == 0 or self.step == total:
+                elapsed = time.perf_counter() - window_start
+                stats["tokens_per_s"] = window_steps * self.tokens_per_step / max(elapsed, 1e-9)
+                self.tensorboard.scalars(self.step, {"tokens_per_s": stats["tokens_per_s"]}, prefix="train/")
+                self.reporter.emit("log", step=self.step, total=total, **stats)
+                self.metrics.update(loss=stats["loss"], tokens_per_s=stats["tokens_per_s"])
+                window_start, window_steps = time.perf_counter(), 0
+            self.maybe_log_histograms()
+            if self.step % self.spec.schedule.eval_every == 0 or self.step == total:
+                self.evaluate()
+            if self.step % self.spec.checkpoint.every_n_steps == 0 or self.step == total:
+                self.save()
+        self.generate_sample()
+        self.tensorboard.close()
+        self.metrics["step"] = self.step
+        self.reporter.emit("done", metrics=self.metrics)
+        return self.metrics
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.spec.global_batch * self.spec.model.seq_len
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step: forward/backward over the accumulation micro-batches, then step."""
+        aux_weight = self.spec.model.moe.aux_loss_weight if self.spec.model.moe else 0.0
+        totals = torch.zeros(3, dtype=torch.float64)
+        for _ in range(self.spec.grad_accumulation):
+            inputs, targets = split_batch(next(self.batches).to(self.world.device, non_blocking=True))
+            loss, parts = lm_loss(self.engine.forward(inputs), targets, aux_weight)
+            self.engine.backward(loss)
+            totals += torch.tensor([loss.item(), parts["ce"], parts["aux_loss"]], dtype=torch.float64)
+        grad_norm = self.engine.step()
+        totals = self.all_reduce_mean(totals / self.spec.grad_accumulation)
+        stats = {"loss": totals[1].item(), "grad_norm": float(grad_norm), "lr": self.engine.lr()}
+        if self.spec.model.moe:
+            stats["aux_loss"] = totals[2].item()
+        return stats
+
+    def all_reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world.world_size > 1:
+            values = values.to(self.world.device)
+            dist.all_reduce(values)
+            values = values.cpu() / self.world.world_size
+        return values
+
+    @torch.no_grad()
+    def evaluate(self) -> None:
+        if self.spec.data.val is None:
+            return
+        batches = iter(self._stream(self.spec.data.val.urls))
+        self.engine.module.eval()
+        total = torch.zeros(1, dtype=torch.float64)
+        for _ in range(self.spec.schedule.eval_batches):
+            inputs, targets = split_batch(next(batches).to(self.world.device))
+            _, parts = lm_loss(self.engine.forward(inputs), targets, 0.0)
+            total += parts["ce"]
+        self.engine.module.train()
+        val_loss = self.all_reduce_mean(total / self.spec.schedule.eval_batches).item()
+        self.tensorboard.scalars(self.step, {"loss": val_loss}, prefix="val/")
+        self.reporter.emit("eval", step=self.step, val_loss=val_loss)
+        self.metrics["val_loss"] = val_loss
+
+    def maybe_log_histograms(self) -> None:
+        every = self.spec.logging.histograms_every
+        if every and self.step % every == 0 and self.world.is_main:
+            for name, param in self.engine.module.named_parameters():
+                if param.numel():
+                    self.tensorboard.histogram(self.step, f"weights/{name}", param)
+
+    def save(self) -> None:
+        cursors = [None] * self.world.world_size
+        state = self.train_stream.state()
+        if self.world.world_size > 1:
+            dist.all_gather_object(cursors, state)
+        else:
+            cursors = [state]
+        shared = {"data": merge_states(cursors), "world_size": self.world.world_size}
+        path = self.checkpoints.save(self.step, self.engine, shared, {"rng": rng_state()})
+        self.reporter.emit("checkpoint", step=self.step, path=str(path))
+
+    def resume(self) -> None:
+        path = self.resume_path()
+        if path is None:
+            return
+        state = read_state(path)
+        if state["world_size"] != self.world.world_size:
+            raise UserError(
+                f"{path} was saved by {state['world_size']} workers, this run has {self.world.world_size}; "
+                f"set cluster.num_workers={state['world_size']} (resharding on resume comes with the fault-tolerance work)"
+            )
+        self.engine.load(path / "engine")
+        self.train_stream.load_state(state["data"])
+        self.batches = iter(self.train_stream)
+        set_rng_state(torch.load(path / f"rank_{self.world.rank:05d}.pt", weights_only=False)["rng"])
+        self.step = state["step"]
+        self.reporter.emit("resume", step=self.step, path=str(path))
+
+    def resume_path(self) -> Path | None:
+        mode = self.spec.checkpoint.resume
+        if mode == "never":
+            return None
+        if mode == "auto":
+            return self.checkpoints.latest_valid()
+        path = Path(mode)
+        if not (path / "manifest.json").is_file():
+            raise UserError(f"checkpoint.resume: {path} is not a committed checkpoint folder (no manifest.json)")
+        return path
+
+    def generate_sample(self) -> None:
+        """Every rank generates (MoE layers exchange tokens), rank 0 reports the text."""
+        log = self.spec.logging
+        if log.sample_tokens == 0:
+            return
+        self.engine.module.eval()
+        tokens = sample_tokens(
+            lambda ids: self.engine.forward(ids).logits, list(log.sample_prompt.encode()), log.sample_tokens,
+            self.spec.model.seq_len, log.sample_temperature, top_k=None, seed=self.spec.schedule.seed,
+            device=self.world.device,
+        )
+        self.engine.module.train()
+        text = log.sample_prompt + decode_bytes(tokens)
+        self.tensorboard.text(self.step, "sample", text)
+        self.reporter.emit("sample", step=self.step, text=text)
+        self.metrics["sample"] = text
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

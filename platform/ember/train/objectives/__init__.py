@@ -1,0 +1,1 @@
+"""Objectives: turn a batch and a model output into the loss to minimise."""
