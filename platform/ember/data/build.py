@@ -67,18 +67,25 @@ def collect_source_files(source: str, max_bytes: int | None = None) -> list[Sour
     if source != "stdlib":
         raise UserError(f"unknown text source {source!r}; the only one is 'stdlib'")
     root = Path(sysconfig.get_paths()["stdlib"])
-    paths = sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix())
     files, total = [], 0
-    for path in paths:
-        relative = path.relative_to(root)
-        if SKIPPED_FOLDERS.intersection(relative.parts[:-1]) or not path.is_file():
-            continue
+    for relpath in sorted(stdlib_sources(root)):
+        path = root / relpath
         size = path.stat().st_size
         if max_bytes is not None and total + size > max_bytes:
             break
-        files.append(SourceFile(relative.as_posix(), path, size))
+        files.append(SourceFile(relpath, path, size))
         total += size
     return files
+
+
+def stdlib_sources(root: Path) -> list[str]:
+    """Relative posix paths of the `.py` files under root, pruning skipped folders (site-packages is huge)."""
+    found = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in SKIPPED_FOLDERS]
+        relative = Path(folder).relative_to(root)
+        found += [(relative / name).as_posix() for name in names if name.endswith(".py")]
+    return [relpath for relpath in found if (root / relpath).is_file()]
 
 
 def is_validation(relpath: str, val_fraction: float) -> bool:

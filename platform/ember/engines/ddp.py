@@ -65,19 +65,19 @@ class TorchEngine:
         return self.optimizer.param_groups[0]["lr"]
 
     def save(self, folder: Path) -> None:
-        optimizer_state = self._optimizer_state()
+        model_state, optimizer_state = self.module.state_dict(), self._optimizer_state()
         if self.world.is_main:
-            torch.save(self.module.state_dict(), folder / "model.pt")
+            torch.save(model_state, folder / "model.pt")
             torch.save(optimizer_state, folder / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
         self.world.barrier()
 
     def load(self, folder: Path) -> None:
-        self.module.load_state_dict(_read(folder / "model.pt", self.world.device))
-        self.optimizer.load_state_dict(_read(folder / "optimizer.pt", self.world.device))
-        self.scheduler.load_state_dict(_read(folder / "scheduler.pt", "cpu"))
+        self.module.load_state_dict(read_torch_file(folder / "model.pt", self.world.device))
+        self._load_optimizer_state(read_torch_file(folder / "optimizer.pt", self.world.device))
+        self.scheduler.load_state_dict(read_torch_file(folder / "scheduler.pt", "cpu"))
 
-    # Hooks: how this wrapper skips a gradient sync, clips, and gathers its optimizer state.
+    # Hooks: how this wrapper skips a gradient sync, clips, and gathers or shards its optimizer state.
     def _forward_context(self) -> AbstractContextManager:
         return nullcontext()
 
@@ -94,8 +94,11 @@ class TorchEngine:
         """The full optimizer state on rank 0 (collective where the optimizer is sharded)."""
         return self.optimizer.state_dict() if self.world.is_main else None
 
+    def _load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
 
-def _read(path: Path, device: torch.device | str) -> Any:
+
+def read_torch_file(path: Path, device: torch.device | str) -> Any:
     return torch.load(path, map_location=device, weights_only=False)
 
 

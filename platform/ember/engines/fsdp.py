@@ -19,7 +19,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from ember.engines.base import ENGINES
-from ember.engines.ddp import TorchEngine, _read
+from ember.engines.ddp import TorchEngine, read_torch_file
 from ember.engines.optim import build_optimizer
 from ember.models.layers.moe import attach_expert_groups
 from ember.world import World
@@ -50,7 +50,7 @@ class FSDPEngine(TorchEngine):
         set_state_dict(
             self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
         )
-        self.scheduler.load_state_dict(_read(folder / "scheduler.pt", "cpu"))
+        self.scheduler.load_state_dict(read_torch_file(folder / "scheduler.pt", "cpu"))
 
 
 def shard_model(model: nn.Module, world: World, reshard_after_forward: bool, bf16: bool) -> nn.Module:

@@ -1,0 +1,153 @@
+"""DeepSpeed: ZeRO 0-3, CPU/NVMe offload, bf16/fp16, and expert-parallel MoE.
+
+`deepspeed_config(spec)` is a pure function of the job spec (`ember show` prints it). The engine hands
+DeepSpeed ember's own torch optimizer and LR schedule, so every engine trains the same arithmetic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ember.engines.base import ENGINES
+from ember.engines.optim import build_optimizer, build_scheduler
+from ember.errors import UserError
+from ember.models.layers.moe import is_expert_parameter
+from ember.world import World
+
+BUCKET_ELEMENTS = 50_000_000  # 200 MB of fp32 per reduce/all-gather bucket: large messages, bounded memory
+
+
+def deepspeed_config(spec) -> dict[str, Any]:
+    """The DeepSpeed config a JobSpec turns into; `engine.config_overrides` is merged in last."""
+    engine = spec.engine
+    config = {
+        "train_micro_batch_size_per_gpu": spec.schedule.micro_batch,
+        "gradient_accumulation_steps": spec.grad_accumulation,
+        "train_batch_size": spec.global_batch,
+        "zero_optimization": _zero_section(engine),
+        "bf16": {"enabled": engine.precision == "bf16"},
+        "fp16": {"enabled": engine.precision == "fp16"},
+        "gradient_clipping": engine.grad_clip if engine.grad_clip is not None else 0.0,
+        "zero_allow_untested_optimizer": True,  # ember passes its own torch optimizer
+        "steps_per_print": 2**31 - 1,  # ember reports progress itself
+        "wall_clock_breakdown": False,
+    }
+    if engine.offload_optimizer != "none":
+        config["zero_force_ds_cpu_optimizer"] = False  # keep ember's torch optimizer for offloaded state
+    return deep_merge(config, engine.config_overrides)
+
+
+def _zero_section(engine) -> dict[str, Any]:
+    zero: dict[str, Any] = {
+        "stage": engine.zero_stage,
+        "overlap_comm": engine.overlap_comm,
+        "contiguous_gradients": True,  # DeepSpeed's MoE support asserts it for stage 2
+        "reduce_scatter": True,
+        "reduce_bucket_size": BUCKET_ELEMENTS,
+        "allgather_bucket_size": BUCKET_ELEMENTS,
+    }
+    if engine.offload_optimizer != "none":
+        zero["offload_optimizer"] = _offload(engine.offload_optimizer, engine.nvme_path)
+    if engine.offload_param != "none":
+        zero["offload_param"] = _offload(engine.offload_param, engine.nvme_path)
+    return zero
+
+
+def _offload(device: str, nvme_path: str | None) -> dict[str, Any]:
+    return {"device": device, "nvme_path": nvme_path} if device == "nvme" else {"device": device}
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """A new dict: nested dicts merge key by key, anything else in `override` replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+class DeepSpeedEngine:
+    def __init__(self, ds, world: World) -> None:
+        self.ds, self.world = ds, world
+        self.module: nn.Module = ds.module
+        # ZeRO and the bf16/fp16 optimizers measure the norm; a plain torch optimizer at stage 0 does not.
+        self.measures_norm = not hasattr(ds.optimizer, "_global_grad_norm")
+
+    @property
+    def is_moe_aware(self) -> bool:
+        return True
+
+    def forward(self, *args: Any) -> Any:
+        return self.ds(*args)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)  # scales by 1/accumulation and reduces on the boundary micro-batch
+        if not self.ds.is_gradient_accumulation_boundary():
+            self.ds.step()  # DeepSpeed counts micro-steps in step(); it only updates on the boundary
+
+    def step(self) -> float:
+        measured = global_grad_norm(self.module) if self.measures_norm else None
+        self.ds.step()
+        return measured if measured is not None else float(self.ds.get_global_grad_norm())
+
+    def lr(self) -> float:
+        return self.ds.get_lr()[0]
+
+    def save(self, folder: Path) -> None:
+        self.ds.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
+
+    def load(self, folder: Path) -> None:
+        path, _ = self.ds.load_checkpoint(
+            str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint to load")
+
+
+def global_grad_norm(module: nn.Module) -> float:
+    """L2 norm of all gradients after reduction: dense ones once, each expert's from the rank holding it."""
+    dense = [p.grad for p in module.parameters() if p.grad is not None and not is_expert_parameter(p)]
+    experts = [p for p in module.parameters() if p.grad is not None and is_expert_parameter(p)]
+    squares = torch.nn.utils.get_total_norm(dense).double() ** 2 if dense else torch.zeros((), dtype=torch.float64)
+    if experts:
+        from deepspeed.utils import groups
+
+        expert_squares = torch.nn.utils.get_total_norm([p.grad for p in experts]).double() ** 2
+        # Replicas of an expert hold the same gradient; the expert-parallel group holds distinct experts.
+        dist.all_reduce(expert_squares, group=groups._get_expert_parallel_group(experts[0].group_name))
+        squares = squares + expert_squares.to(squares.device)
+    return float(squares.sqrt())
+
+
+def name_expert_groups(optimizer: torch.optim.Optimizer) -> None:
+    """ZeRO finds an expert group's process group by the group's `name`: DeepSpeed's group name (ep_size_N)."""
+    for group in optimizer.param_groups:
+        if group.get("moe"):
+            names = {param.group_name for param in group["params"]}
+            if len(names) != 1:
+                raise ValueError(f"optimizer group {group['name']!r} mixes expert groups {sorted(names)}")
+            group["name"] = names.pop()
+
+
+@ENGINES.register("deepspeed")
+def build_deepspeed_engine(spec, model: nn.Module, world: World) -> DeepSpeedEngine:
+    if spec.engine.precision == "fp16" and world.device.type != "cuda":
+        raise UserError("engine.precision=fp16 needs a GPU (DeepSpeed's fp16 loss scaling); use bf16 or fp32 on CPU")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=world.backend)  # adopts the existing torch process group
+    offloads = spec.engine.offload_optimizer != "none"
+    optimizer = build_optimizer(model, spec.optim, fused=world.device.type == "cuda" and not offloads)
+    name_expert_groups(optimizer)
+    scheduler = build_scheduler(optimizer, spec.optim, spec.schedule.steps)
+    ds, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec)
+    )
+    return DeepSpeedEngine(ds, world)

@@ -1,0 +1,90 @@
+"""fairscale: `sharded_ddp` (OSS optimizer-state sharding + ShardedDataParallel) or `fsdp` (CUDA only).
+
+OSS gives each rank the optimizer state of a slice of the parameters (ZeRO-1 in torch); ShardedDDP reduces
+each gradient only to the rank that owns its slice. Checkpoints hold the consolidated (unsharded)
+optimizer state, so they load like DDP's.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import AbstractContextManager, nullcontext
+from torch import nn
+
+from ember.engines.base import ENGINES
+from ember.engines.ddp import TorchEngine
+from ember.engines.optim import build_optimizer
+from ember.errors import UserError
+from ember.models.layers.moe import attach_expert_groups
+from ember.world import World
+
+
+class ShardedDDPEngine(TorchEngine):
+    def _backward_context(self) -> AbstractContextManager:
+        # ShardedDDP's gradient hooks read the no_sync flag during backward.
+        return nullcontext() if self.syncs_next_backward else self.wrapped.no_sync()
+
+    def _clip_grad_norm(self) -> float:
+        return float(self.optimizer.clip_grad_norm(self._max_norm()))
+
+    def _max_norm(self) -> float:
+        return self.grad_clip if self.grad_clip is not None else float("inf")
+
+    def _optimizer_state(self) -> dict | None:
+        self.optimizer.consolidate_state_dict(recipient_rank=0)
+        return self.optimizer.state_dict() if self.world.is_main else None
+
+
+class FairscaleFSDPEngine(ShardedDDPEngine):
+    """module is the FSDP wrapper itself: the inner model holds flattened shards and cannot run alone."""
+
+    def _clip_grad_norm(self) -> float:
+        return float(self.wrapped.clip_grad_norm_(self._max_norm()))
+
+    def _optimizer_state(self) -> dict | None:
+        return self.wrapped.gather_full_optim_state_dict(self.optimizer, recipient_rank=0)
+
+    def _load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(self.wrapped.get_shard_from_optim_state_dict(state))
+
+
+def build_oss(model: nn.Module, spec, fused: bool):
+    """An OSS optimizer with exactly the class, groups and settings `build_optimizer` would choose."""
+    from fairscale.optim.oss import OSS
+
+    template = build_optimizer(model, spec.optim, fused=fused)
+    cls = type(template)
+    accepted = inspect.signature(cls.__init__).parameters
+    settings = {key: value for key, value in template.defaults.items() if key in accepted}
+    return OSS(template.param_groups, optim=cls, **settings)
+
+
+def build_sharded_ddp(spec, model: nn.Module, world: World) -> ShardedDDPEngine:
+    from fairscale.nn.data_parallel import ShardedDataParallel
+
+    attach_expert_groups(model, world.backend)  # MoE layers need their (size-1) expert groups
+    optimizer = build_oss(model, spec, fused=world.device.type == "cuda")
+    wrapped = ShardedDataParallel(model, optimizer)
+    return ShardedDDPEngine(spec, model, wrapped, optimizer, world)
+
+
+def build_fairscale_fsdp(spec, model: nn.Module, world: World) -> FairscaleFSDPEngine:
+    if world.device.type != "cuda":
+        raise UserError(
+            "engine.mode=fsdp: fairscale's FullyShardedDataParallel asserts CUDA and this worker has no GPU; "
+            "use engine.mode=sharded_ddp or engine.kind=fsdp on CPU"
+        )
+    from fairscale.nn import FullyShardedDataParallel
+
+    attach_expert_groups(model, world.backend)
+    wrapped = FullyShardedDataParallel(model)
+    optimizer = build_optimizer(wrapped, spec.optim, fused=True)
+    return FairscaleFSDPEngine(spec, wrapped, wrapped, optimizer, world)
+
+
+@ENGINES.register("fairscale")
+def build_fairscale_engine(spec, model: nn.Module, world: World) -> TorchEngine:
+    model.to(world.device)
+    if spec.engine.mode == "fsdp":
+        return build_fairscale_fsdp(spec, model, world)
+    return build_sharded_ddp(spec, model, world)

@@ -1,0 +1,64 @@
+"""The CLI maps every user mistake to exit 2 with one message naming the field or file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ember.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = str(REPO / "jobs" / "quickstart.yaml")
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    captured = capsys.readouterr()
+    return exited.value.code or 0, captured.out, captured.err
+
+
+def test_validate_ok(capsys) -> None:
+    code, out, _ = run_cli(["validate", QUICKSTART], capsys)
+    assert code == 0 and "valid" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["validate", "no/such/spec.yaml"], "spec file not found"),
+        (["validate", QUICKSTART, "--set", "engine.zero_stage=9"], "engine.zero_stage"),
+        (["validate", QUICKSTART, "--set", "model.moe.top_k=five"], "model.moe.top_k"),
+        (["run", QUICKSTART, "--set", "data.train.urls=/nonexistent/x-{0..1}.tar", "--set", "data.build=null"],
+         "/nonexistent/x-0.tar"),
+        (["validate", QUICKSTART, "--frobnicate"], "No such option"),
+        (["data", "build", "images", "--out", "/tmp/x"], "unknown kind"),
+        (["ckpt", "export", "/nonexistent/run", "--out", "/tmp/x.safetensors"], "/nonexistent/run"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_message(args: list[str], needle: str, capsys) -> None:
+    code, out, err = run_cli(args, capsys)
+    assert code == 2
+    assert needle in out + err
+    assert "Traceback" not in out + err
+
+
+def test_schema_is_json_with_every_section(capsys) -> None:
+    code, out, _ = run_cli(["schema"], capsys)
+    schema = json.loads(out)
+    assert code == 0
+    assert {"model", "data", "engine", "optim", "schedule", "checkpoint", "cluster", "logging"} <= set(
+        schema["properties"]
+    )
+
+
+def test_show_prints_resolved_spec_and_deepspeed_config(capsys) -> None:
+    code, out, _ = run_cli(["show", QUICKSTART, "--set", "schedule.global_batch=64"], capsys)
+    assert code == 0
+    assert "grad_accumulation=2" in out
+    config = json.loads(out.split("# DeepSpeed config:\n", 1)[1])
+    assert config["zero_optimization"]["stage"] == 2
+    assert config["gradient_accumulation_steps"] == 2
+    assert config["train_batch_size"] == 64
