@@ -79,7 +79,7 @@ def run(
 
     result = run_job(_load(spec, set_), verbose=verbose, console=console)
     final = {k: v for k, v in result.metrics.items() if k != "sample"}
-    console.print(f"done: {result.run_dir}  {json.dumps(final)}", markup=False, highlight=False)
+    console.print(f"done: {result.run_dir}  {json.dumps(final)}", markup=False, highlight=False, soft_wrap=True)
 
 
 @data_app.command("build")

@@ -16,6 +16,7 @@ from ember.data.build import (
     expand_urls,
     is_validation,
     local_path,
+    sample_key,
 )
 from ember.errors import UserError
 from ember.spec.data import DataSpec, ShardSet, TextBuildSpec
@@ -54,7 +55,7 @@ def test_build_splits_by_path_hash_and_respects_max_bytes(stdlib_shards: Path) -
     assert 0 < sum(f.size for f in files) <= 2_000_000
     assert all("test" not in Path(f.relpath).parts[:-1] for f in files)
     val_keys = set(shard_keys(stdlib_shards / "val-000000.tar"))
-    expected = {f.relpath.replace(".", "_").replace("/", "--") for f in files if is_validation(f.relpath, 0.05)}
+    expected = {sample_key(f.relpath) for f in files if is_validation(f.relpath, 0.05)}
     assert val_keys == expected
 
 

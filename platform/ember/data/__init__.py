@@ -1,1 +1,1 @@
-"""Data: build WebDataset shards (build.py), stream them as token batches (stream.py), resume exactly (cursor.py)."""
+"""Data: corpus -> WebDataset shards (build.py) -> token batches (stream.py); exact resume (cursor.py)."""

@@ -42,7 +42,7 @@ def build_text_shards(
     val_fraction: float = 0.05,
     max_bytes: int | None = None,
 ) -> dict[str, Any]:
-    """Write `train-NNNNNN.tar` x train_shards, `val-000000.tar` and `shards.json` into `out`; return the manifest."""
+    """Write `train_shards` train tars, `val-000000.tar` and `shards.json` into `out`; return the manifest."""
     out = Path(out)
     files = collect_source_files(source, max_bytes)
     train, val = split_train_val(files, val_fraction)
@@ -93,7 +93,9 @@ def is_validation(relpath: str, val_fraction: float) -> bool:
     return int(hashlib.sha256(relpath.encode()).hexdigest()[:8], 16) / 2**32 < val_fraction
 
 
-def split_train_val(files: list[SourceFile], val_fraction: float) -> tuple[list[SourceFile], list[SourceFile]]:
+def split_train_val(
+    files: list[SourceFile], val_fraction: float
+) -> tuple[list[SourceFile], list[SourceFile]]:
     val = [f for f in files if is_validation(f.relpath, val_fraction)]
     train = [f for f in files if not is_validation(f.relpath, val_fraction)]
     return train, val
@@ -102,7 +104,9 @@ def split_train_val(files: list[SourceFile], val_fraction: float) -> tuple[list[
 def deal_by_bytes(files: list[SourceFile], shards: int) -> list[list[SourceFile]]:
     """Give each file, in path order, to the shard holding the fewest bytes so far (lowest index on ties)."""
     if len(files) < shards:
-        raise UserError(f"only {len(files)} training files for {shards} shards; lower train_shards or max_bytes")
+        raise UserError(
+            f"only {len(files)} training files for {shards} shards; lower train_shards or max_bytes"
+        )
     groups: list[list[SourceFile]] = [[] for _ in range(shards)]
     sizes = [0] * shards
     for file in files:
@@ -122,11 +126,19 @@ def write_shard(path: Path, files: list[SourceFile]) -> dict[str, Any]:
     keys = [sample_key(f.relpath) for f in files]
     if len(set(keys)) != len(keys):
         raise InternalError(f"sample keys collide in {path.name}")
-    with open(path, "wb") as stream, TarWriter(stream, user="ember", group="ember", mtime=0, encoder=False) as tar:
-        for key, file in zip(keys, files):
+    with (
+        open(path, "wb") as stream,
+        TarWriter(stream, user="ember", group="ember", mtime=0, encoder=False) as tar,
+    ):
+        for key, file in zip(keys, files, strict=True):
             tar.write({"__key__": key, "txt": file.path.read_bytes()})
     data = path.read_bytes()
-    return {"name": path.name, "samples": len(files), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {
+        "name": path.name,
+        "samples": len(files),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
 
 
 def publish(staging: Path, out: Path) -> None:
@@ -166,7 +178,7 @@ def missing_local_shards(data_spec: DataSpec) -> list[str]:
 
 
 def ensure_shards(data_spec: DataSpec) -> None:
-    """Build the shards if the spec says how and some are missing; then fail once, listing every missing file."""
+    """Build missing shards when the spec says how; then raise once, listing every shard still missing."""
     build = data_spec.build
     if build is not None and missing_local_shards(data_spec):
         build_text_shards(Path(build.out), build.source, build.train_shards, build.val_fraction)

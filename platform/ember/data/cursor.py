@@ -46,10 +46,11 @@ def rank_slots(num_shards: int, num_slots: int, rank: int, world_size: int) -> l
         raise UserError("the shard list is empty; check data.train.urls")
     owned = [s for s in range(rank, num_slots, world_size) if not slot_is_empty(num_shards, num_slots, s)]
     if not owned:
+        filled = min(num_shards, num_slots)
         raise UserError(
-            f"rank {rank} of {world_size} gets no data: {num_shards} shard(s) fill only "
-            f"{min(num_shards, num_slots)} of data.num_slots={num_slots} slots. Use fewer workers, "
-            "or raise data.num_slots and the shard count (e.g. `ember data build text --train-shards N`)."
+            f"rank {rank} of {world_size} would get no data: only {filled} of data.num_slots={num_slots} "
+            f"slots have shards ({num_shards} shard(s)). Use at most {filled} workers, or provide more "
+            f"shards and set data.num_slots to at least {world_size}."
         )
     return owned
 

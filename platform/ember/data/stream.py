@@ -185,8 +185,9 @@ class SlotReader:
 
     def _fail(self, what: str, exc: BaseException) -> None:
         if self.source.on_error == "raise":
+            reason = str(exc).split(" @ <")[0]  # webdataset appends the file object's repr; the URL says more
             raise UserError(
-                f"{self._url}: {what} ({exc}). Rebuild or remove the shard, or set data.on_error=skip."
+                f"{self._url}: {what} ({reason}). Rebuild or remove the shard, or set data.on_error=skip."
             ) from exc
         self.skipped += 1
 
@@ -259,14 +260,20 @@ class ShardStream:
         self._check_identity(state)
         for slot, reader in self._readers.items():
             if str(slot) not in state["slots"]:
-                raise InternalError(f"the saved data cursor lacks slot {slot}; were all ranks' states merged?")
+                raise InternalError(
+                    f"the saved data cursor lacks slot {slot}; were all ranks' states merged?"
+                )
             reader.reset(SlotCursor.from_dict(state["slots"][str(slot)]))
-        # The turn order is only meaningful for the world size that saved it; elsewhere start at the first slot.
+        # The turn pointer only means something in the world size that saved it; elsewhere start at 0.
         pointer = int(state.get("next_slot", {}).get(pointer_key(self.rank, self.world_size), 0))
         self._next_slot = pointer % len(self.slots)
 
     def _identity(self) -> dict[str, int]:
-        return {"seed": self.source.seed, "num_slots": self.source.num_slots, "num_shards": len(self.source.urls)}
+        return {
+            "seed": self.source.seed,
+            "num_slots": self.source.num_slots,
+            "num_shards": len(self.source.urls),
+        }
 
     def _check_identity(self, state: dict[str, Any]) -> None:
         for key, value in self._identity().items():

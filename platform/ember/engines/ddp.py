@@ -58,7 +58,7 @@ class TorchEngine:
         norm = self._clip_grad_norm()
         self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.wrapped.zero_grad(set_to_none=True)  # through the wrapper: ShardedDDP keeps bucketed grads as views
         return norm
 
     def lr(self) -> float:

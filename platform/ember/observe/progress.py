@@ -77,4 +77,4 @@ class ProgressView:
             self._progress.update(self._task, completed=event["step"], status=f"loss {event['loss']:.3f}")
             return
         if kind in ("log", "eval", "checkpoint", "resume", "sample", "start"):
-            self._progress.console.print(format_event(event), markup=False, highlight=False)
+            self._progress.console.print(format_event(event), markup=False, highlight=False, soft_wrap=True)

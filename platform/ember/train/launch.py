@@ -42,7 +42,7 @@ def run_job(spec: JobSpec, verbose: bool = False, console: Console | None = None
         trainer = build_trainer(spec, run_dir, queue)
         metrics = fit_with_progress(trainer, queue, ProgressView(console))
     if spec.logging.tensorboard:
-        console.print(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}", markup=False)
+        console.print(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}", markup=False, soft_wrap=True)
     return RunResult(run_dir, metrics)
 
 

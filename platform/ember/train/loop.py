@@ -55,10 +55,11 @@ class Trainer:
         self.step = 0
         self.metrics: dict[str, Any] = {}
 
-    def _stream(self, urls: str | list[str]) -> ShardStream:
+    def _stream(self, urls: str | list[str], split_over_ranks: bool = True) -> ShardStream:
+        rank, world_size = (self.world.rank, self.world.world_size) if split_over_ranks else (0, 1)
         return ShardStream(
             expand_urls(urls), seq_len=self.spec.model.seq_len, micro_batch=self.spec.schedule.micro_batch,
-            rank=self.world.rank, world_size=self.world.world_size, num_slots=self.spec.data.num_slots,
+            rank=rank, world_size=world_size, num_slots=self.spec.data.num_slots,
             seed=self.spec.data.seed, on_error=self.spec.data.on_error,
         )
 
@@ -123,7 +124,9 @@ class Trainer:
     def evaluate(self) -> None:
         if self.spec.data.val is None:
             return
-        batches = iter(self._stream(self.spec.data.val.urls))
+        # Every rank reads the same held-out rows: a val set is small (often one shard) and MoE ranks
+        # must run their forward passes in lockstep anyway.
+        batches = iter(self._stream(self.spec.data.val.urls, split_over_ranks=False))
         self.engine.module.eval()
         total = torch.zeros(1, dtype=torch.float64)
         for _ in range(self.spec.schedule.eval_batches):
