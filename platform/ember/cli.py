@@ -9,7 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 import yaml
@@ -18,7 +18,9 @@ from rich.console import Console
 from ember.errors import InternalError, UserError
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
     help="Train and serve generative models on Ray.",
 )
 data_app = typer.Typer(no_args_is_help=True, help="Build and inspect WebDataset shards.")
@@ -30,7 +32,7 @@ console = Console()
 errors = Console(stderr=True)
 
 SpecArg = Annotated[Path, typer.Argument(help="Job spec YAML.", show_default=False)]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a field: --set engine.zero_stage=3.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a field: --set engine.zero_stage=3.")]
 
 
 def _load(spec: Path, overrides: list[str] | None):
@@ -59,8 +61,9 @@ def show(spec: SpecArg, set_: SetOpt = None) -> None:
     """Print the resolved spec (defaults filled in) and the engine config it generates."""
     job = _load(spec, set_)
     print(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False), end="")
-    print(f"# derived: grad_accumulation={job.grad_accumulation} global_batch={job.global_batch} "
-          f"run_dir={job.output_dir}")
+    print(
+        f"# derived: grad_accumulation={job.grad_accumulation} global_batch={job.global_batch} run_dir={job.output_dir}"
+    )
     if job.engine.kind == "deepspeed":
         from ember.engines.deepspeed import deepspeed_config
 

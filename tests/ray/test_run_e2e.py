@@ -32,9 +32,19 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def ember_run(spec: str, run_dir: Path, shards: Path, *overrides: str) -> subprocess.CompletedProcess:
     args = [
-        sys.executable, "-m", "ember.cli", "run", str(REPO / spec), "--set", f"run_dir={run_dir}",
-        "--set", f"data.train.urls={shards}/train-{{000000..000003}}.tar",
-        "--set", f"data.val.urls={shards}/val-000000.tar", "--set", "data.build=null",
+        sys.executable,
+        "-m",
+        "ember.cli",
+        "run",
+        str(REPO / spec),
+        "--set",
+        f"run_dir={run_dir}",
+        "--set",
+        f"data.train.urls={shards}/train-{{000000..000003}}.tar",
+        "--set",
+        f"data.val.urls={shards}/val-000000.tar",
+        "--set",
+        "data.build=null",
         *[part for item in overrides for part in ("--set", item)],
     ]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -62,8 +72,12 @@ def test_moe_run_logs_checkpoints_resumes_and_exports(tmp_path: Path, shards: Pa
     assert sorted(steps) == list(range(1, 41))  # 31..40 continue, nothing repeated
 
     exported = tmp_path / "model.safetensors"
-    done = subprocess.run([sys.executable, "-m", "ember.cli", "ckpt", "export", str(run_dir), "--out", str(exported)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "ember.cli", "ckpt", "export", str(run_dir), "--out", str(exported)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert_export_reproduces_held_out_loss(exported, shards, run_dir)
 
@@ -76,9 +90,15 @@ def assert_export_reproduces_held_out_loss(exported: Path, shards: Path, run_dir
     model, spec = load_exported(exported)
     attach_expert_groups(model, world.backend)
     model.eval()
-    stream = ShardStream([str(shards / "val-000000.tar")], seq_len=spec.model.seq_len,
-                         micro_batch=spec.schedule.micro_batch, rank=0, world_size=1,
-                         num_slots=spec.data.num_slots, seed=spec.data.seed)
+    stream = ShardStream(
+        [str(shards / "val-000000.tar")],
+        seq_len=spec.model.seq_len,
+        micro_batch=spec.schedule.micro_batch,
+        rank=0,
+        world_size=1,
+        num_slots=spec.data.num_slots,
+        seed=spec.data.seed,
+    )
     batches = iter(stream)
     losses = []
     with torch.no_grad():

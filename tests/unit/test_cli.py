@@ -31,8 +31,10 @@ def test_validate_ok(capsys) -> None:
         (["validate", "no/such/spec.yaml"], "spec file not found"),
         (["validate", QUICKSTART, "--set", "engine.zero_stage=9"], "engine.zero_stage"),
         (["validate", QUICKSTART, "--set", "model.moe.top_k=five"], "model.moe.top_k"),
-        (["run", QUICKSTART, "--set", "data.train.urls=/nonexistent/x-{0..1}.tar", "--set", "data.build=null"],
-         "/nonexistent/x-0.tar"),
+        (
+            ["run", QUICKSTART, "--set", "data.train.urls=/nonexistent/x-{0..1}.tar", "--set", "data.build=null"],
+            "/nonexistent/x-0.tar",
+        ),
         (["validate", QUICKSTART, "--frobnicate"], "No such option"),
         (["data", "build", "images", "--out", "/tmp/x"], "unknown kind"),
         (["ckpt", "export", "/nonexistent/run", "--out", "/tmp/x.safetensors"], "/nonexistent/run"),

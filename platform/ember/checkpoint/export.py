@@ -30,8 +30,9 @@ def export_safetensors(path: Path, out: Path) -> Path:
     model = build_single_process_model(spec)
     model.load_state_dict(full_state_dict(checkpoint / "engine", spec), strict=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(out), metadata={SPEC_KEY: json.dumps(spec.model_dump(mode="json")),
-                                          "step": str(manifest["step"])})
+    save_model(
+        model, str(out), metadata={SPEC_KEY: json.dumps(spec.model_dump(mode="json")), "step": str(manifest["step"])}
+    )
     return checkpoint
 
 

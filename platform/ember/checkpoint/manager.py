@@ -66,7 +66,7 @@ class CheckpointManager:
         return None
 
     def _apply_retention(self) -> None:
-        for folder in self.committed()[self.keep_last:]:
+        for folder in self.committed()[self.keep_last :]:
             shutil.rmtree(folder, ignore_errors=True)
 
 

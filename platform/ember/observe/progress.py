@@ -6,7 +6,9 @@ bar plus one line every `log_every` steps. Without a queue (torchrun, tests) eve
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -14,19 +16,23 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class Reporter:
-    """Worker side: rank 0 emits events; other ranks stay quiet."""
+    """Worker side: rank 0 emits events (and appends them to events.jsonl); other ranks stay quiet."""
 
-    def __init__(self, queue: Any | None, is_main: bool) -> None:
+    def __init__(self, queue: Any | None, is_main: bool, events_file: Path | None = None) -> None:
         self.queue = queue
         self.is_main = is_main
+        self.events_file = events_file if is_main else None
 
     def emit(self, kind: str, **fields: Any) -> None:
         if not self.is_main:
             return
         event = {"kind": kind, "time": time.time(), **fields}
+        if self.events_file is not None:
+            with open(self.events_file, "a") as handle:
+                handle.write(json.dumps(event) + "\n")
         if self.queue is not None:
             self.queue.put(event)
-        else:
+        elif kind != "step":
             print(format_event(event), flush=True)
 
 
@@ -47,7 +53,8 @@ def format_event(event: dict[str, Any]) -> str:
     if kind == "sample":
         return f"sample after {event['step']} steps:\n{event['text']}"
     if kind == "start":
-        return f"training {event['total']} steps on {event['world_size']} workers ({event['device']}), from step {event['step']}"
+        where = f"{event['world_size']} workers ({event['device']})"
+        return f"training {event['total']} steps on {where}, from step {event['step']}"
     return str(event)
 
 
@@ -57,8 +64,13 @@ class ProgressView:
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console()
         self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=self.console, transient=False,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
         )
         self._task = None
 

@@ -25,7 +25,7 @@ def sample_tokens(
         context = torch.tensor([tokens[-seq_len:]], dtype=torch.long, device=device)
         logits = forward(context)[0, -1].float().cpu()
         tokens.append(pick_token(logits, temperature, top_k, generator))
-    return tokens[len(prompt):] if prompt else tokens[1:]
+    return tokens[len(prompt) :] if prompt else tokens[1:]
 
 
 def pick_token(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> int:

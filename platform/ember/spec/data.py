@@ -31,4 +31,6 @@ class DataSpec(Section):
     num_slots: int = Field(
         8, ge=1, description="Canonical stream slots; the order of samples depends on these, not on the world size."
     )
-    on_error: Literal["raise", "skip"] = Field("raise", description="A corrupt shard or sample: stop, or count and skip.")
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="A corrupt shard or sample: stop, or count and skip."
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -12,14 +12,22 @@ Precision = Literal["fp32", "bf16", "fp16"]
 
 
 class _EngineCommon(Section):
-    precision: Precision = Field("fp32", description="Compute precision: fp32, bf16 (autocast / DeepSpeed bf16) or fp16.")
-    grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this value; null disables.")
+    precision: Precision = Field(
+        "fp32", description="Compute precision: fp32, bf16 (autocast / DeepSpeed bf16) or fp16."
+    )
+    grad_clip: float | None = Field(
+        1.0, gt=0, description="Clip the global gradient norm to this value; null disables."
+    )
 
 
 class DeepSpeedSpec(_EngineCommon):
     kind: Literal["deepspeed"] = Field("deepspeed", description="Train with DeepSpeed.")
-    zero_stage: int = Field(2, ge=0, le=3, description="ZeRO stage 0-3 (what is partitioned: nothing, optimizer, +grads, +params).")
-    offload_optimizer: Literal["none", "cpu", "nvme"] = Field("none", description="Offload optimizer state (ZeRO >= 1).")
+    zero_stage: int = Field(
+        2, ge=0, le=3, description="ZeRO stage 0-3 (what is partitioned: nothing, optimizer, +grads, +params)."
+    )
+    offload_optimizer: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="Offload optimizer state (ZeRO >= 1)."
+    )
     offload_param: Literal["none", "cpu", "nvme"] = Field("none", description="Offload parameters (ZeRO-3 only).")
     nvme_path: str | None = Field(None, description="Local NVMe folder for nvme offload.")
     overlap_comm: bool = Field(False, description="Overlap gradient reduction with backward (helps on GPUs).")
@@ -50,8 +58,9 @@ class FSDPSpec(_EngineCommon):
 class FairscaleSpec(_EngineCommon):
     kind: Literal["fairscale"] = Field("fairscale", description="fairscale engines.")
     mode: Literal["sharded_ddp", "fsdp"] = Field(
-        "sharded_ddp", description="sharded_ddp = OSS optimizer sharding + ShardedDDP; fsdp = fairscale FSDP (CUDA only)."
+        "sharded_ddp",
+        description="sharded_ddp = OSS optimizer sharding + ShardedDDP; fsdp = fairscale FSDP (CUDA only).",
     )
 
 
-EngineSpec = Annotated[Union[DeepSpeedSpec, DDPSpec, FSDPSpec, FairscaleSpec], Field(discriminator="kind")]
+EngineSpec = Annotated[DeepSpeedSpec | DDPSpec | FSDPSpec | FairscaleSpec, Field(discriminator="kind")]

@@ -57,7 +57,9 @@ class JobSpec(Section):
                     "expert-data-parallel groups); other engines support MoE with ep_size 1"
                 )
         if isinstance(self.engine, FairscaleSpec) and self.engine.mode == "fsdp" and self.cluster.device == "cpu":
-            raise ValueError("engine.mode=fsdp: fairscale's FSDP asserts CUDA; use mode sharded_ddp or engine.kind=fsdp on CPU")
+            raise ValueError(
+                "engine.mode=fsdp: fairscale's FSDP asserts CUDA; use mode sharded_ddp or engine.kind=fsdp on CPU"
+            )
         if self.engine.precision == "fp16" and not isinstance(self.engine, DeepSpeedSpec):
             raise ValueError("engine.precision=fp16 needs engine.kind=deepspeed (loss scaling); use bf16 instead")
         return self

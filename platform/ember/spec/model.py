@@ -12,7 +12,9 @@ from ember.spec.base import Section
 class MoESpec(Section):
     num_experts: int = Field(8, ge=1, description="Experts per MoE layer.")
     top_k: int = Field(1, ge=1, le=2, description="Experts each token is routed to (1 or 2).")
-    capacity_factor: float = Field(1.25, gt=0, description="Training capacity per expert, as a multiple of tokens/experts.")
+    capacity_factor: float = Field(
+        1.25, gt=0, description="Training capacity per expert, as a multiple of tokens/experts."
+    )
     eval_capacity_factor: float = Field(2.0, gt=0, description="Capacity factor used in evaluation and generation.")
     min_capacity: int = Field(4, ge=0, description="Lower bound on the per-expert capacity.")
     drop_tokens: bool = Field(True, description="Drop tokens over capacity; false routes every token (dropless).")

@@ -31,7 +31,9 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     moe = spec.model.moe
     world = world_from_env(spec.cluster.device, ep_size=moe.ep_size if moe else 1)
     torch.set_num_threads(max(1, int(spec.cluster.cpus_per_worker)))
-    trainer = Trainer(spec, world, Path(config["run_dir"]), Reporter(config.get("queue"), world.is_main))
+    run_dir = Path(config["run_dir"])
+    reporter = Reporter(config.get("queue"), world.is_main, run_dir / "events.jsonl")
+    trainer = Trainer(spec, world, run_dir, reporter)
     return trainer.fit()
 
 
@@ -58,16 +60,22 @@ class Trainer:
     def _stream(self, urls: str | list[str], split_over_ranks: bool = True) -> ShardStream:
         rank, world_size = (self.world.rank, self.world.world_size) if split_over_ranks else (0, 1)
         return ShardStream(
-            expand_urls(urls), seq_len=self.spec.model.seq_len, micro_batch=self.spec.schedule.micro_batch,
-            rank=rank, world_size=world_size, num_slots=self.spec.data.num_slots,
-            seed=self.spec.data.seed, on_error=self.spec.data.on_error,
+            expand_urls(urls),
+            seq_len=self.spec.model.seq_len,
+            micro_batch=self.spec.schedule.micro_batch,
+            rank=rank,
+            world_size=world_size,
+            num_slots=self.spec.data.num_slots,
+            seed=self.spec.data.seed,
+            on_error=self.spec.data.on_error,
         )
 
     def fit(self) -> dict[str, Any]:
         self.resume()
         total = self.spec.schedule.steps
-        self.reporter.emit("start", step=self.step, total=total, world_size=self.world.world_size,
-                           device=str(self.world.device))
+        self.reporter.emit(
+            "start", step=self.step, total=total, world_size=self.world.world_size, device=str(self.world.device)
+        )
         window_start, window_steps = time.perf_counter(), 0
         while self.step < total:
             stats = self.train_step()
@@ -165,7 +173,7 @@ class Trainer:
         if state["world_size"] != self.world.world_size:
             raise UserError(
                 f"{path} was saved by {state['world_size']} workers, this run has {self.world.world_size}; "
-                f"set cluster.num_workers={state['world_size']} (resharding on resume comes with the fault-tolerance work)"
+                f"set cluster.num_workers={state['world_size']} (resuming on another world size is not supported yet)"
             )
         self.engine.load(path / "engine")
         self.train_stream.load_state(state["data"])
@@ -192,8 +200,13 @@ class Trainer:
             return
         self.engine.module.eval()
         tokens = sample_tokens(
-            lambda ids: self.engine.forward(ids).logits, list(log.sample_prompt.encode()), log.sample_tokens,
-            self.spec.model.seq_len, log.sample_temperature, top_k=None, seed=self.spec.schedule.seed,
+            lambda ids: self.engine.forward(ids).logits,
+            list(log.sample_prompt.encode()),
+            log.sample_tokens,
+            self.spec.model.seq_len,
+            log.sample_temperature,
+            top_k=None,
+            seed=self.spec.schedule.seed,
             device=self.world.device,
         )
         self.engine.module.train()
