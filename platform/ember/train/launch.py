@@ -64,8 +64,9 @@ def ray_session(spec: JobSpec, verbose: bool) -> Iterator[None]:
     cluster = spec.cluster
     if cluster.address == "local":
         needed = math.ceil(cluster.num_workers * cluster.cpus_per_worker)
-        ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, log_to_driver=verbose,
-                 namespace="ember")
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, log_to_driver=verbose, namespace="ember"
+        )
     else:
         ray.init(address=cluster.address, log_to_driver=verbose, namespace="ember")
     try:
@@ -88,7 +89,8 @@ def build_trainer(spec: JobSpec, run_dir: Path, queue: Any):
         train_loop_config={"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir), "queue": queue},
         scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name="ray-train", storage_path=str(run_dir / "ray"),
+            name="ray-train",
+            storage_path=str(run_dir / "ray"),
             failure_config=FailureConfig(max_failures=cluster.max_failures),
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
