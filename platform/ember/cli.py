@@ -15,7 +15,7 @@ import typer
 import yaml
 from rich.console import Console
 
-from ember.errors import InternalError, UserError
+from ember.errors import RESUMABLE_EXIT_CODE, InternalError, UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -82,6 +82,9 @@ def run(
 
     result = run_job(_load(spec, set_), verbose=verbose, console=console)
     final = {k: v for k, v in result.metrics.items() if k != "sample"}
+    if final.get("preempted"):
+        console.print(f"preempted at step {final['step']}; `ember run {spec}` resumes", markup=False, soft_wrap=True)
+        raise typer.Exit(RESUMABLE_EXIT_CODE)
     console.print(f"done: {result.run_dir}  {json.dumps(final)}", markup=False, highlight=False, soft_wrap=True)
 
 
@@ -112,12 +115,30 @@ def ckpt_list(run_dir: Annotated[Path, typer.Argument(help="Run folder (runs/<na
     from ember.checkpoint.manifest import verify_manifest
 
     root = run_dir / "checkpoints"
-    folders = CheckpointManager(root, world=None, keep_last=1).committed()
+    folders = CheckpointManager(root, world=None).committed()
     if not folders:
         raise UserError(f"{run_dir}: no committed checkpoints under {root}")
     for folder in folders:
         problems = verify_manifest(folder)
         console.print(f"{folder.name}  {'ok' if not problems else 'BAD: ' + problems[0]}", markup=False)
+
+
+@ckpt_app.command("verify")
+def ckpt_verify(run_dir: Annotated[Path, typer.Argument(help="Run folder (runs/<name>).")]) -> None:
+    """Verify every committed checkpoint (sizes and sha256); exit 2 if the newest is bad."""
+    from ember.checkpoint.manager import CheckpointManager
+
+    manager = CheckpointManager(run_dir / "checkpoints", world=None)
+    if not manager.committed():
+        raise UserError(f"{run_dir}: no committed checkpoints under {run_dir / 'checkpoints'}")
+    found = manager.latest_valid(checksums=True)
+    for folder, problems in manager.skipped:
+        errors.print(f"{folder.name}: BAD: {'; '.join(problems)}", markup=False, soft_wrap=True)
+    if manager.skipped and manager.skipped[0][0] == manager.committed()[0]:
+        newest, problems = manager.skipped[0]
+        fallback = f"; a resume would use {found.name}" if found else "; no valid checkpoint is left"
+        raise UserError(f"newest checkpoint {newest} does not verify: {problems[0]}{fallback}")
+    console.print(f"{found.name}: ok (newest, verified)", markup=False)
 
 
 @ckpt_app.command("export")

@@ -5,6 +5,8 @@ Both survive pickling, because they cross Ray process boundaries on their way to
 
 from __future__ import annotations
 
+RESUMABLE_EXIT_CODE = 75  # EX_TEMPFAIL: preempted after a committed checkpoint; schedulers may requeue
+
 
 class UserError(Exception):
     """A mistake the user can fix (bad spec, missing file, wrong flag). The CLI exits 2 with the message."""

@@ -51,7 +51,7 @@ def train_save_and_probe(rank: int, world_size: int, folder: str) -> torch.Tenso
         engine.backward(loss)
         engine.step()
     facts = {"spec": spec.model_dump(mode="json"), "engine": "deepspeed"}
-    CheckpointManager(Path(folder) / "checkpoints", world, keep_last=1, facts=facts).save(
+    CheckpointManager(Path(folder) / "checkpoints", world, facts=facts).save(
         3, engine, {"data": {}, "world_size": world_size}, {"rng": None}
     )
     engine.module.eval()

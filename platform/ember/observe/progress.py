@@ -52,6 +52,10 @@ def format_event(event: dict[str, Any]) -> str:
         return f"resuming from {event['path']} (step {event['step']})"
     if kind == "sample":
         return f"sample after {event['step']} steps:\n{event['text']}"
+    if kind == "preempted":
+        return f"step {event['step']:>6}  preempted: checkpoint committed, stopping (run again to resume)"
+    if kind == "skipped_checkpoint":
+        return f"skipping checkpoint {event['path']}: {event['problem']}"
     if kind == "start":
         where = f"{event['world_size']} workers ({event['device']})"
         return f"training {event['total']} steps on {where}, from step {event['step']}"
@@ -88,5 +92,5 @@ class ProgressView:
         if kind == "step" and self._task is not None:
             self._progress.update(self._task, completed=event["step"], status=f"loss {event['loss']:.3f}")
             return
-        if kind in ("log", "eval", "checkpoint", "resume", "sample", "start"):
+        if kind not in ("step", "done"):
             self._progress.console.print(format_event(event), markup=False, highlight=False, soft_wrap=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from ember.errors import InternalError, UserError, find_user_error
 from ember.observe.progress import ProgressView
 from ember.spec import JobSpec
 from ember.train.loop import train_worker
+from ember.train.preemption import SIGNALS, request_preemption
 
 
 @dataclass
@@ -40,7 +42,8 @@ def run_job(spec: JobSpec, verbose: bool = False, console: Console | None = None
 
         queue = Queue(actor_options={"num_cpus": 0})
         trainer = build_trainer(spec, run_dir, queue)
-        metrics = fit_with_progress(trainer, queue, ProgressView(console))
+        with forward_preemption_signals(run_dir):
+            metrics = fit_with_progress(trainer, queue, ProgressView(console))
     if spec.logging.tensorboard:
         console.print(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}", markup=False, soft_wrap=True)
     return RunResult(run_dir, metrics)
@@ -73,6 +76,22 @@ def ray_session(spec: JobSpec, verbose: bool) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def forward_preemption_signals(run_dir: Path) -> Iterator[None]:
+    """SIGTERM/SIGUSR1 to the driver become a preemption request the workers act on at a step boundary."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    for sig in SIGNALS:
+        signal.signal(sig, lambda signum, _frame: request_preemption(run_dir, signal.Signals(signum).name))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def build_trainer(spec: JobSpec, run_dir: Path, queue: Any):

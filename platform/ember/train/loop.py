@@ -11,7 +11,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ember.checkpoint.manager import CheckpointManager, read_state
+from ember.checkpoint.fence import start_attempt
+from ember.checkpoint.manager import CheckpointManager, Retention, read_state
 from ember.data.build import expand_urls
 from ember.data.stream import ShardStream, merge_states
 from ember.engines import build_engine
@@ -22,6 +23,7 @@ from ember.observe.tensorboard import TensorBoardLogger
 from ember.serve.sampling import decode_bytes, sample_tokens
 from ember.spec import JobSpec
 from ember.train.objectives.lm import lm_loss, split_batch
+from ember.train.preemption import PreemptionWatch
 from ember.world import World, world_from_env
 
 
@@ -51,8 +53,9 @@ class Trainer:
         self.engine = build_engine(spec, self.model, world)
         self.train_stream = self._stream(spec.data.train.urls)
         self.batches = iter(self.train_stream)
-        facts = {"spec_hash": spec.fingerprint(), "engine": spec.engine.kind, "spec": spec.model_dump(mode="json")}
-        self.checkpoints = CheckpointManager(run_dir / "checkpoints", world, spec.checkpoint.keep_last, facts)
+        self.preemption = PreemptionWatch(run_dir, world)
+        self.preemption.clear_stale_request()
+        self.checkpoints = self._checkpoint_manager(spec, world, run_dir)
         self.tensorboard = TensorBoardLogger(run_dir / "tensorboard", spec.logging.tensorboard and world.is_main)
         self.step = 0
         self.metrics: dict[str, Any] = {}
@@ -68,6 +71,17 @@ class Trainer:
             num_slots=self.spec.data.num_slots,
             seed=self.spec.data.seed,
             on_error=self.spec.data.on_error,
+        )
+
+    def _checkpoint_manager(self, spec: JobSpec, world: World, run_dir: Path) -> CheckpointManager:
+        attempt = [start_attempt(run_dir) if world.is_main else None]
+        if world.world_size > 1:
+            dist.broadcast_object_list(attempt, src=0)
+        facts = {"spec_hash": spec.fingerprint(), "engine": spec.engine.kind, "spec": spec.model_dump(mode="json")}
+        facts["code_version"] = code_version()
+        return CheckpointManager(
+            run_dir / "checkpoints", world, Retention(spec.checkpoint.keep_last, spec.checkpoint.keep_every), facts,
+            attempt=attempt[0], run_dir=run_dir, async_save=spec.checkpoint.async_save,
         )
 
     def fit(self) -> dict[str, Any]:
@@ -93,8 +107,14 @@ class Trainer:
             self.maybe_log_histograms()
             if self.step % self.spec.schedule.eval_every == 0 or self.step == total:
                 self.evaluate()
-            if self.step % self.spec.checkpoint.every_n_steps == 0 or self.step == total:
+            saved = self.step % self.spec.checkpoint.every_n_steps == 0 or self.step == total
+            if saved:
                 self.save()
+            if self.step < total and self.preemption.should_stop():
+                if not saved:
+                    self.save()
+                return self.stop_preempted()
+        self.checkpoints.wait()
         self.generate_sample()
         self.tensorboard.close()
         self.metrics["step"] = self.step
@@ -162,8 +182,19 @@ class Trainer:
         else:
             cursors = [state]
         shared = {"data": merge_states(cursors), "world_size": self.world.world_size}
-        path = self.checkpoints.save(self.step, self.engine, shared, {"rng": rng_state()})
-        self.reporter.emit("checkpoint", step=self.step, path=str(path))
+        saved = self.checkpoints.save(self.step, self.engine, shared, {"rng": rng_state()})
+        self.tensorboard.scalars(self.step, {"stall_s": saved.stall_s}, prefix="checkpoint/")
+        self.reporter.emit("checkpoint", step=self.step, path=str(saved.path), stall_s=saved.stall_s)
+
+    def stop_preempted(self) -> dict[str, Any]:
+        """Checkpoint committed; stop cleanly so the scheduler (or `ember run` again) resumes from it."""
+        self.checkpoints.wait()
+        self.world.barrier()
+        self.tensorboard.close()
+        self.metrics.update(step=self.step, preempted=True)
+        self.reporter.emit("preempted", step=self.step)
+        self.reporter.emit("done", metrics=self.metrics)
+        return self.metrics
 
     def resume(self) -> None:
         path = self.resume_path()
@@ -187,7 +218,10 @@ class Trainer:
         if mode == "never":
             return None
         if mode == "auto":
-            return self.checkpoints.latest_valid()
+            found = self.checkpoints.latest_valid(checksums=self.spec.checkpoint.verify_checksums)
+            for folder, problems in self.checkpoints.skipped:
+                self.reporter.emit("skipped_checkpoint", path=str(folder), problem=problems[0])
+            return found
         path = Path(mode)
         if not (path / "manifest.json").is_file():
             raise UserError(f"checkpoint.resume: {path} is not a committed checkpoint folder (no manifest.json)")
@@ -214,6 +248,12 @@ class Trainer:
         self.tensorboard.text(self.step, "sample", text)
         self.reporter.emit("sample", step=self.step, text=text)
         self.metrics["sample"] = text
+
+
+def code_version() -> str:
+    import ember
+
+    return ember.__version__
 
 
 def rng_state() -> dict[str, Any]:

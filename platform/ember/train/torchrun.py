@@ -11,7 +11,7 @@ import os
 import sys
 
 from ember.data.build import missing_local_shards
-from ember.errors import UserError
+from ember.errors import RESUMABLE_EXIT_CODE, UserError
 from ember.spec import JobSpec
 from ember.train.launch import prepare_run_dir
 from ember.train.loop import train_worker
@@ -32,10 +32,12 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"missing shards: {', '.join(missing[:5])}; build them with `ember data build text`")
         if int(os.environ.get("RANK", "0")) == 0:
             prepare_run_dir(spec)
-        train_worker({"spec": spec.model_dump(mode="json"), "run_dir": str(spec.output_dir)})
+        metrics = train_worker({"spec": spec.model_dump(mode="json"), "run_dir": str(spec.output_dir)})
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    if metrics.get("preempted"):
+        sys.exit(RESUMABLE_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,155 @@
+"""Checkpoints: atomic commit, verification with fallback, fencing, retention, async save, kill -9 mid-save."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ember.checkpoint.fence import start_attempt
+from ember.checkpoint.manager import CheckpointManager, Retention, read_state
+from ember.checkpoint.manifest import verify_manifest
+from ember.cli import main
+from ember.engines import build_engine
+from ember.errors import InternalError
+from ember.models import build_model
+from ember.spec import JobSpec
+from ember.world import local_world
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """A real (one-rank DDP) engine of a tiny GPT: what the trainer hands the manager."""
+    world = local_world()
+    spec = JobSpec.from_dict({
+        "name": "ckpt-test", "model": {"d_model": 16, "n_heads": 2, "n_layers": 1, "seq_len": 8},
+        "data": {"train": {"urls": "unused.tar"}}, "engine": {"kind": "ddp"},
+        "cluster": {"num_workers": 1, "device": "cpu"},
+    })
+    return build_engine(spec, build_model(spec.model), world), world
+
+
+def manager(root: Path, world, **kwargs) -> CheckpointManager:
+    return CheckpointManager(root / "checkpoints", world, run_dir=root, **kwargs)
+
+
+def save(m: CheckpointManager, step: int, engine) -> Path:
+    result = m.save(step, engine, {"data": {"cursor": step}, "world_size": 1}, {"rng": torch.get_rng_state()})
+    m.wait()
+    return result.path
+
+
+def test_sync_save_commits_a_verified_checkpoint(tmp_path: Path, engine) -> None:
+    eng, world = engine
+    path = save(manager(tmp_path, world), 7, eng)
+    assert path.name == "step_000007" and verify_manifest(path) == []
+    assert read_state(path) == {"step": 7, "data": {"cursor": 7}, "world_size": 1}
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_async_save_commits_the_same_files_after_wait(tmp_path: Path, engine) -> None:
+    eng, world = engine
+    sync_path = save(manager(tmp_path / "sync", world), 3, eng)
+    async_path = save(manager(tmp_path / "async", world, async_save=True), 3, eng)
+    files = {p.relative_to(sync_path) for p in sync_path.rglob("*") if p.is_file()}
+    assert files == {p.relative_to(async_path) for p in async_path.rglob("*") if p.is_file()}
+    assert verify_manifest(async_path) == []
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path: Path, engine, damage, capsys) -> None:
+    eng, world = engine
+    m = manager(tmp_path, world)
+    save(m, 1, eng)
+    newest = save(m, 2, eng)
+    victim = newest / "engine" / "model.pt"
+    if damage == "flip":
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    elif damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:100])
+    else:
+        victim.unlink()
+    assert m.latest_valid().name == "step_000001"
+    assert m.skipped and m.skipped[0][0] == newest and "model.pt" in m.skipped[0][1][0]
+    with pytest.raises(SystemExit) as exited:
+        main(["ckpt", "verify", str(tmp_path)])
+    assert exited.value.code == 2 and "model.pt" in capsys.readouterr().err
+
+
+def test_a_leftover_tmp_folder_is_never_resumed_from(tmp_path: Path, engine) -> None:
+    eng, world = engine
+    m = manager(tmp_path, world)
+    save(m, 1, eng)
+    half = tmp_path / "checkpoints" / "step_000002.tmp"
+    (half / "engine").mkdir(parents=True)
+    (half / "engine" / "model.pt").write_bytes(b"half written")
+    assert m.latest_valid().name == "step_000001"
+    assert save(m, 2, eng).name == "step_000002"  # a later save of the same step replaces the leftover
+    assert verify_manifest(tmp_path / "checkpoints" / "step_000002") == []
+
+
+def test_a_stale_attempt_cannot_commit(tmp_path: Path, engine) -> None:
+    eng, world = engine
+    old = manager(tmp_path, world, attempt=start_attempt(tmp_path))
+    save(old, 1, eng)
+    start_attempt(tmp_path)  # Ray restarted the workers: a newer attempt owns the run now
+    with pytest.raises(InternalError, match="attempt 1 is stale"):
+        save(old, 2, eng)
+    assert [p.name for p in old.committed()] == ["step_000001"]
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_retention_keeps_last_n_and_every_mth(tmp_path: Path, engine) -> None:
+    eng, world = engine
+    m = manager(tmp_path, world, retention=Retention(keep_last=2, keep_every=4))
+    for step in range(1, 9):
+        save(m, step, eng)
+    assert [p.name for p in m.committed()] == ["step_000008", "step_000007", "step_000004"]
+
+
+SAVER = """
+import sys, torch
+from pathlib import Path
+from ember.checkpoint.manager import CheckpointManager
+from ember.world import local_world
+
+class BigEngine:  # enough bytes that a save takes a while
+    def save(self, folder):
+        for i in range(8):
+            torch.save(torch.full((2_000_000,), float(i)), folder / f"part{i}.pt")
+
+world = local_world()
+manager = CheckpointManager(Path(sys.argv[1]), world)
+step = 0
+while True:
+    step += 1
+    manager.save(step, BigEngine(), {"world_size": 1}, {})
+    print(step, flush=True)
+"""
+
+
+def test_kill_9_during_a_save_leaves_no_committed_partial_checkpoint(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    saver = subprocess.Popen([sys.executable, "-c", SAVER, str(root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert saver.stdout.readline().strip() == "1"  # one commit done
+        deadline = time.monotonic() + 60
+        while not any(p.suffix == ".tmp" and any(p.rglob("*.pt")) for p in root.glob("*")):
+            assert time.monotonic() < deadline, "the second save never started"
+            time.sleep(0.005)
+        os.kill(saver.pid, signal.SIGKILL)
+    finally:
+        saver.kill()
+        saver.wait()
+    m = CheckpointManager(root, world=None)
+    assert all(verify_manifest(folder) == [] for folder in m.committed())
+    assert m.latest_valid() is not None
+    assert list(root.glob("*.tmp"))  # the interrupted save stays an uncommitted .tmp
