@@ -12,6 +12,7 @@ flight; the next save (or `wait()`) joins it and re-raises anything it failed wi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -153,7 +154,9 @@ class _Publish:
         world = self.manager.world
         if self.staged != self.tmp:
             shutil.copytree(self.staged, self.tmp, dirs_exist_ok=True)
-            shutil.rmtree(self.staged.parent, ignore_errors=True)
+            shutil.rmtree(self.staged, ignore_errors=True)  # only this rank's: others may still be copying
+            with contextlib.suppress(OSError):
+                self.staged.parent.rmdir()  # the last rank out removes the step folder
         mark = self.tmp / DONE_MARK.format(world.rank)
         mark.touch()
         if world.is_main:
