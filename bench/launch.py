@@ -10,6 +10,7 @@ The last line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -42,7 +43,7 @@ def launch(kind: str, run_dir: Path, steps: int) -> dict[str, float]:
     subprocess.run(command + overrides(run_dir, steps), check=True, env=env, capture_output=True, timeout=900)
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     step_times = [e["time"] for e in events if e["kind"] == "step"]
-    diffs = [b - a for a, b in zip(step_times, step_times[1:])][10:]  # skip warm-up steps
+    diffs = [b - a for a, b in itertools.pairwise(step_times)][10:]  # skip warm-up steps
     return {"first_step_s": step_times[0] - started, "step_s": statistics.median(diffs)}
 
 

@@ -41,6 +41,9 @@ class Engine(Protocol):
     @property
     def is_moe_aware(self) -> bool: ...
 
+    # True when `load` accepts a checkpoint saved by another world size (full or resharding formats).
+    reshards_on_load: bool
+
 
 ENGINES: Registry[Engine] = Registry("engine")
 

@@ -7,6 +7,7 @@ rank-0 checkpoint files. Subclasses say how their wrapper skips a sync and how t
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -24,15 +25,22 @@ from ember.world import World
 class TorchEngine:
     """Common step logic over a wrapped module; subclasses override the hooks named `_...`."""
 
+    reshards_on_load = True  # rank 0 saves the full model and optimizer state; any world size loads it
+
     def __init__(
-        self, spec, module: nn.Module, wrapped: nn.Module, optimizer: torch.optim.Optimizer, world: World,
-        autocast: bool = True,
+        self,
+        spec,
+        module: nn.Module,
+        wrapped: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        world: World,
+        use_autocast: bool = True,
     ) -> None:
         self.module, self.wrapped, self.optimizer, self.world = module, wrapped, optimizer, world
         self.scheduler = build_scheduler(optimizer, spec.optim, spec.schedule.steps)
         self.accumulation = spec.grad_accumulation
         self.grad_clip = spec.engine.grad_clip
-        self.autocast = autocast and spec.engine.precision == "bf16"
+        self.use_autocast = use_autocast and spec.engine.precision == "bf16"
         self.backwards = 0  # micro-batches seen; decides which one carries the gradient sync
 
     @property
@@ -40,12 +48,16 @@ class TorchEngine:
         return False
 
     @property
+    def max_norm(self) -> float:
+        return self.grad_clip if self.grad_clip is not None else math.inf  # inf: measure the norm, never clip
+
+    @property
     def syncs_next_backward(self) -> bool:
         """True when the coming backward is the last micro-batch of the optimizer step."""
         return (self.backwards + 1) % self.accumulation == 0
 
     def forward(self, *args: Any) -> Any:
-        autocast = torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+        autocast = torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=self.use_autocast)
         with autocast, self._forward_context():
             return self.wrapped(*args)
 
@@ -85,10 +97,8 @@ class TorchEngine:
         return nullcontext()
 
     def _clip_grad_norm(self) -> float:
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        if self.grad_clip is None:
-            return float(torch.nn.utils.get_total_norm(grads))
-        return float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip))
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
 
     def _optimizer_state(self) -> dict | None:
         """The full optimizer state on rank 0 (collective where the optimizer is sharded)."""

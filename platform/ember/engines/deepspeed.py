@@ -74,6 +74,9 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 
 class DeepSpeedEngine:
+    # ZeRO partitions are cut for the saving world size; DeepSpeed's own load refuses another one.
+    reshards_on_load = False
+
     def __init__(self, ds, world: World) -> None:
         self.ds, self.world = ds, world
         self.module: nn.Module = ds.module
@@ -93,9 +96,14 @@ class DeepSpeedEngine:
             self.ds.step()  # DeepSpeed counts micro-steps in step(); it only updates on the boundary
 
     def step(self) -> float:
+        # Measured here: the true norm, also under expert parallelism, where DeepSpeed's stage-0 clipping
+        # uses the mean of per-rank norms instead (each rank sees only its own experts).
         measured = global_grad_norm(self.module) if self.measures_norm else None
         self.ds.step()
-        return measured if measured is not None else float(self.ds.get_global_grad_norm())
+        if measured is not None:
+            return measured
+        reported = self.ds.get_global_grad_norm()
+        return float("nan") if reported is None else float(reported)  # None: compute_grad_norm overridden off
 
     def lr(self) -> float:
         return self.ds.get_lr()[0]

@@ -1,18 +1,21 @@
 """fairscale: `sharded_ddp` (OSS optimizer-state sharding + ShardedDataParallel) or `fsdp` (CUDA only).
 
 OSS gives each rank the optimizer state of a slice of the parameters (ZeRO-1 in torch); ShardedDDP reduces
-each gradient only to the rank that owns its slice. Checkpoints hold the consolidated (unsharded)
-optimizer state, so they load like DDP's.
+each gradient only to the rank that owns its slice. sharded_ddp checkpoints hold the consolidated
+(unsharded) optimizer state, so they load like DDP's.
 """
 
 from __future__ import annotations
 
 import inspect
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import torch
 from torch import nn
 
 from ember.engines.base import ENGINES
-from ember.engines.ddp import TorchEngine
+from ember.engines.ddp import TorchEngine, read_torch_file
 from ember.engines.optim import build_optimizer
 from ember.errors import UserError
 from ember.models.layers.moe import attach_expert_groups
@@ -25,10 +28,7 @@ class ShardedDDPEngine(TorchEngine):
         return nullcontext() if self.syncs_next_backward else self.wrapped.no_sync()
 
     def _clip_grad_norm(self) -> float:
-        return float(self.optimizer.clip_grad_norm(self._max_norm()))
-
-    def _max_norm(self) -> float:
-        return self.grad_clip if self.grad_clip is not None else float("inf")
+        return float(self.optimizer.clip_grad_norm(self.max_norm))  # OSS: each rank's shard, one all-reduce
 
     def _optimizer_state(self) -> dict | None:
         self.optimizer.consolidate_state_dict(recipient_rank=0)
@@ -36,16 +36,30 @@ class ShardedDDPEngine(TorchEngine):
 
 
 class FairscaleFSDPEngine(ShardedDDPEngine):
-    """module is the FSDP wrapper itself: the inner model holds flattened shards and cannot run alone."""
+    """module is the FSDP wrapper itself: the inner model holds parameter shards and cannot run alone.
+
+    Each rank saves its own optimizer shard (fairscale's gather_full_optim_state_dict allows one
+    parameter group only, and ember has decay / no-decay groups); the weights are saved unsharded.
+    """
+
+    reshards_on_load = False  # the optimizer shards are cut for the saving world size
 
     def _clip_grad_norm(self) -> float:
-        return float(self.wrapped.clip_grad_norm_(self._max_norm()))
+        return float(self.wrapped.clip_grad_norm_(self.max_norm))
 
-    def _optimizer_state(self) -> dict | None:
-        return self.wrapped.gather_full_optim_state_dict(self.optimizer, recipient_rank=0)
+    def save(self, folder: Path) -> None:
+        model_state = self.wrapped.state_dict()  # collective: the full, unsharded weights
+        torch.save(self.optimizer.state_dict(), folder / f"optimizer.rank{self.world.rank:05d}.pt")
+        if self.world.is_main:
+            torch.save(model_state, folder / "model.pt")
+            torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+        self.world.barrier()
 
-    def _load_optimizer_state(self, state: dict) -> None:
-        self.optimizer.load_state_dict(self.wrapped.get_shard_from_optim_state_dict(state))
+    def load(self, folder: Path) -> None:
+        self.wrapped.load_state_dict(read_torch_file(folder / "model.pt", "cpu"))
+        shard = folder / f"optimizer.rank{self.world.rank:05d}.pt"
+        self.optimizer.load_state_dict(read_torch_file(shard, self.world.device))
+        self.scheduler.load_state_dict(read_torch_file(folder / "scheduler.pt", "cpu"))
 
 
 def build_oss(model: nn.Module, spec, fused: bool):
@@ -77,8 +91,10 @@ def build_fairscale_fsdp(spec, model: nn.Module, world: World) -> FairscaleFSDPE
     from fairscale.nn import FullyShardedDataParallel
 
     attach_expert_groups(model, world.backend)
-    wrapped = FullyShardedDataParallel(model)
-    optimizer = build_optimizer(wrapped, spec.optim, fused=True)
+    # Groups come from the unwrapped model (shards are 1-D, so FSDP's view would lose decay vs no-decay);
+    # without flattening FSDP shards these same Parameter objects in place.
+    optimizer = build_optimizer(model, spec.optim, fused=True)
+    wrapped = FullyShardedDataParallel(model, flatten_parameters=False)
     return FairscaleFSDPEngine(spec, wrapped, wrapped, optimizer, world)
 
 

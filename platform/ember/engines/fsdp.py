@@ -11,12 +11,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from ember.engines.base import ENGINES
 from ember.engines.ddp import TorchEngine, read_torch_file
@@ -24,19 +19,22 @@ from ember.engines.optim import build_optimizer
 from ember.models.layers.moe import attach_expert_groups
 from ember.world import World
 
+# torch.distributed.fsdp/checkpoint import DTensor, seconds of start-up: imported where used.
+
 
 class FSDPEngine(TorchEngine):
+    # torch.distributed.checkpoint records every shard's place and reshards onto the loading world.
+    reshards_on_load = True
+
     def _backward_context(self) -> AbstractContextManager:
         # Non-final micro-batches keep unsharded gradients and skip the reduce-scatter.
         self.wrapped.set_requires_gradient_sync(self.syncs_next_backward)
         return nullcontext()
 
-    def _clip_grad_norm(self) -> float:
-        max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
-        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-
     def save(self, folder: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
         model_state, optimizer_state = get_state_dict(self.module, self.optimizer)
         if self.world.is_main:
             torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
@@ -44,6 +42,9 @@ class FSDPEngine(TorchEngine):
         self.world.barrier()
 
     def load(self, folder: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
         model_state, optimizer_state = get_state_dict(self.module, self.optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
         dcp.load(state, checkpoint_id=str(folder))
@@ -55,6 +56,9 @@ class FSDPEngine(TorchEngine):
 
 def shard_model(model: nn.Module, world: World, reshard_after_forward: bool, bf16: bool) -> nn.Module:
     """fully_shard each block (one all-gather per block) and the root (embeddings, head, final norm)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     mesh = init_device_mesh(world.device.type, (world.world_size,))
     if bf16:
         # Blocks hand bf16 activations to each other; only the root casts its output (logits) back to fp32.
@@ -74,4 +78,4 @@ def build_fsdp_engine(spec, model: nn.Module, world: World) -> FSDPEngine:
     bf16 = spec.engine.precision == "bf16"
     sharded = shard_model(model, world, spec.engine.reshard_after_forward, bf16)
     optimizer = build_optimizer(sharded, spec.optim, fused=world.device.type == "cuda")
-    return FSDPEngine(spec, sharded, sharded, optimizer, world, autocast=False)
+    return FSDPEngine(spec, sharded, sharded, optimizer, world, use_autocast=False)

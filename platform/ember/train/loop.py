@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from ember.checkpoint.fence import start_attempt
 from ember.checkpoint.manager import CheckpointManager, Retention, read_state
+from ember.checkpoint.placement import expert_placement, gather_hosts
 from ember.data.build import expand_urls
 from ember.data.stream import ShardStream, merge_states
 from ember.engines import build_engine
@@ -79,6 +80,7 @@ class Trainer:
             dist.broadcast_object_list(attempt, src=0)
         facts = {"spec_hash": spec.fingerprint(), "engine": spec.engine.kind, "spec": spec.model_dump(mode="json")}
         facts["code_version"] = code_version()
+        facts["placement"] = expert_placement(spec.model, world, gather_hosts(world))
         return CheckpointManager(
             run_dir / "checkpoints", world, Retention(spec.checkpoint.keep_last, spec.checkpoint.keep_every), facts,
             attempt=attempt[0], run_dir=run_dir, async_save=spec.checkpoint.async_save,
@@ -201,17 +203,20 @@ class Trainer:
         if path is None:
             return
         state = read_state(path)
-        if state["world_size"] != self.world.world_size:
+        saved_world = state["world_size"]
+        if saved_world != self.world.world_size and not self.engine.reshards_on_load:
             raise UserError(
-                f"{path} was saved by {state['world_size']} workers, this run has {self.world.world_size}; "
-                f"set cluster.num_workers={state['world_size']} (resuming on another world size is not supported yet)"
+                f"{path} was saved by {saved_world} workers, this run has {self.world.world_size}, and engine "
+                f"{self.spec.engine.kind} cannot reshard its checkpoint; set cluster.num_workers={saved_world}"
             )
         self.engine.load(path / "engine")
-        self.train_stream.load_state(state["data"])
+        self.train_stream.load_state(state["data"])  # slots keep their positions on any world size
         self.batches = iter(self.train_stream)
-        set_rng_state(torch.load(path / f"rank_{self.world.rank:05d}.pt", weights_only=False)["rng"])
+        rank_file = path / f"rank_{self.world.rank:05d}.pt"
+        if rank_file.is_file():  # a rank the saving world did not have keeps its fresh seed
+            set_rng_state(torch.load(rank_file, weights_only=False)["rng"])
         self.step = state["step"]
-        self.reporter.emit("resume", step=self.step, path=str(path))
+        self.reporter.emit("resume", step=self.step, path=str(path), saved_world_size=saved_world)
 
     def resume_path(self) -> Path | None:
         mode = self.spec.checkpoint.resume
