@@ -78,14 +78,34 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the workers' own logs.")] = False,
 ) -> None:
     """Train: build missing shards, start or join Ray, run the job, checkpoint and log."""
+    _train(_load(spec, set_), verbose, f"ember run {spec}")
+
+
+def _train(job, verbose: bool, label: str) -> None:
     from ember.train.launch import run_job
 
-    result = run_job(_load(spec, set_), verbose=verbose, console=console)
+    result = run_job(job, verbose=verbose, console=console)
     final = {k: v for k, v in result.metrics.items() if k != "sample"}
     if final.get("preempted"):
-        console.print(f"preempted at step {final['step']}; `ember run {spec}` resumes", markup=False, soft_wrap=True)
+        console.print(f"preempted at step {final['step']}; `{label}` resumes", markup=False, soft_wrap=True)
         raise typer.Exit(RESUMABLE_EXIT_CODE)
     console.print(f"done: {result.run_dir}  {json.dumps(final)}", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (runs/<name>).")],
+    world_size: Annotated[int | None, typer.Option("--world-size", min=1, help="Workers for the new run.")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Only print what would happen.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Continue a run from its newest valid checkpoint, optionally on another number of workers."""
+    from ember.train.resume import plan_resume
+
+    plan = plan_resume(run_dir, world_size, set_)
+    console.print(plan.describe(), markup=False, highlight=False, soft_wrap=True)
+    if not check:
+        _train(plan.spec, verbose=False, label=str(run_dir))
 
 
 @data_app.command("build")

@@ -153,3 +153,27 @@ def test_kill_9_during_a_save_leaves_no_committed_partial_checkpoint(tmp_path: P
     assert all(verify_manifest(folder) == [] for folder in m.committed())
     assert m.latest_valid() is not None
     assert list(root.glob("*.tmp"))  # the interrupted save stays an uncommitted .tmp
+
+
+def test_resume_check_reports_checkpoint_reshard_and_spec_changes(tmp_path: Path, engine, capsys) -> None:
+    from ember.train.launch import prepare_run_dir
+
+    eng, world = engine
+    spec = JobSpec.from_dict({
+        "name": "resume-check", "run_dir": str(tmp_path), "model": {"d_model": 16, "n_heads": 2, "n_layers": 1},
+        "data": {"train": {"urls": str(tmp_path / "unused.tar")}}, "engine": {"kind": "ddp"},
+        "schedule": {"micro_batch": 8, "global_batch": 32}, "cluster": {"num_workers": 2, "device": "cpu"},
+    })
+    prepare_run_dir(spec)
+    facts = {"spec": spec.model_dump(mode="json")}
+    m = CheckpointManager(tmp_path / "checkpoints", world, facts=facts, run_dir=tmp_path)
+    save(m, 5, eng)
+    with pytest.raises(SystemExit) as exited:
+        main(["resume", str(tmp_path), "--world-size", "8", "--check"])
+    out = capsys.readouterr().out
+    assert exited.value.code in (0, None)
+    assert "checkpoint: step_000005 (step 5)" in out
+    assert "world size 1 -> 8" in out  # this test's one-rank world saved it
+    # The global batch (32) stays: accumulation 2 -> 1 and micro-batch 8 -> 4 over 8 workers.
+    assert "schedule.micro_batch: 8 -> 4" in out and "cluster.num_workers: 2 -> 8" in out
+    assert "data.train" not in out

@@ -1,0 +1,90 @@
+"""`ember resume`: continue a run from its folder, optionally on another number of workers.
+
+`--check` only says what would happen: which checkpoint, how the spec differs from the one that saved
+it, and whether the engine state is resharded for a new world size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ember.checkpoint.manager import CheckpointManager
+from ember.checkpoint.manifest import read_manifest
+from ember.errors import UserError
+from ember.spec import JobSpec
+
+
+@dataclass
+class ResumePlan:
+    spec: JobSpec
+    checkpoint: Path | None
+    step: int
+    saved_world_size: int | None
+    skipped: list[tuple[Path, list[str]]]
+    spec_changes: list[str]
+
+    @property
+    def reshards(self) -> bool:
+        return self.saved_world_size is not None and self.saved_world_size != self.spec.cluster.num_workers
+
+    def describe(self) -> str:
+        lines = [f"run folder: {self.spec.output_dir}"]
+        lines += [f"skipping {folder.name}: {problems[0]}" for folder, problems in self.skipped]
+        if self.checkpoint is None:
+            lines.append("no valid checkpoint: training starts from step 0")
+        else:
+            saved = f"saved by {self.saved_world_size} workers"
+            lines.append(f"checkpoint: {self.checkpoint.name} (step {self.step}), {saved}")
+        world = self.spec.cluster.num_workers
+        if self.reshards:
+            lines.append(
+                f"world size {self.saved_world_size} -> {world}: the engine reshards its state on load "
+                "(or stops with a clear error if its format cannot be resharded)"
+            )
+        else:
+            lines.append(f"world size {world}: unchanged")
+        lines += [f"spec change: {change}" for change in self.spec_changes] or ["spec: unchanged"]
+        return "\n".join(lines)
+
+
+def plan_resume(run_dir: Path, world_size: int | None = None, overrides: list[str] | None = None) -> ResumePlan:
+    spec_file = run_dir / "spec.yaml"
+    if not spec_file.is_file():
+        raise UserError(f"{run_dir}: not a run folder (no spec.yaml); pass runs/<name>")
+    extra = list(overrides or []) + [f"run_dir={run_dir.absolute()}", "checkpoint.resume=auto"]
+    if world_size is not None:
+        saved = JobSpec.load(spec_file, extra)
+        extra += [f"cluster.num_workers={world_size}", *keep_global_batch(saved, world_size)]
+    spec = JobSpec.load(spec_file, extra)
+    manager = CheckpointManager(run_dir / "checkpoints", world=None)
+    found = manager.latest_valid(checksums=spec.checkpoint.verify_checksums)
+    manifest = read_manifest(found) if found else None
+    return ResumePlan(
+        spec=spec, checkpoint=found, step=manifest["step"] if manifest else 0,
+        saved_world_size=manifest["world_size"] if manifest else None, skipped=manager.skipped,
+        spec_changes=diff_specs(manifest["spec"], spec.model_dump(mode="json")) if manifest else [],
+    )
+
+
+def keep_global_batch(spec: JobSpec, world_size: int) -> list[str]:
+    """Overrides that keep the global batch (so the optimisation is the same) on a new world size:
+    the smallest gradient accumulation whose micro-batch is no larger than the saved one."""
+    total, micro = spec.global_batch, spec.schedule.micro_batch
+    for accumulation in range(1, total + 1):
+        if total % (accumulation * world_size) == 0 and total // (accumulation * world_size) <= micro:
+            return [f"schedule.micro_batch={total // (accumulation * world_size)}", f"schedule.global_batch={total}"]
+    raise UserError(f"global batch {total} cannot be split over {world_size} workers; pick a divisor of {total}")
+
+
+def diff_specs(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths whose values differ, as 'path: old -> new'."""
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        path, old, new = f"{prefix}{key}", before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += diff_specs(old, new, f"{path}.")
+        elif old != new:
+            changes.append(f"{path}: {old!r} -> {new!r}")
+    return changes
