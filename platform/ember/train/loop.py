@@ -130,25 +130,25 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step: forward/backward over the accumulation micro-batches, then step."""
         aux_weight = self.spec.model.moe.aux_loss_weight if self.spec.model.moe else 0.0
-        totals = torch.zeros(3, dtype=torch.float64)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.world.device)
         for _ in range(self.spec.grad_accumulation):
             inputs, targets = split_batch(next(self.batches).to(self.world.device, non_blocking=True))
             loss, parts = lm_loss(self.engine.forward(inputs), targets, aux_weight)
             self.engine.backward(loss)
-            totals += torch.tensor([loss.item(), parts["ce"], parts["aux_loss"]], dtype=torch.float64)
+            totals += torch.stack([parts["ce"], parts["aux_loss"]]).double()
         grad_norm = self.engine.step()
         totals = self.all_reduce_mean(totals / self.spec.grad_accumulation)
-        stats = {"loss": totals[1].item(), "grad_norm": float(grad_norm), "lr": self.engine.lr()}
+        stats = {"loss": totals[0].item(), "grad_norm": float(grad_norm), "lr": self.engine.lr()}
         if self.spec.model.moe:
-            stats["aux_loss"] = totals[2].item()
+            stats["aux_loss"] = totals[1].item()
         return stats
 
     def all_reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks, returned on the host (one sync per call)."""
+        values = values.to(self.world.device)
         if self.world.world_size > 1:
-            values = values.to(self.world.device)
             dist.all_reduce(values)
-            values = values.cpu() / self.world.world_size
-        return values
+        return values.cpu() / self.world.world_size
 
     @torch.no_grad()
     def evaluate(self) -> None:
@@ -158,11 +158,11 @@ class Trainer:
         # must run their forward passes in lockstep anyway.
         batches = iter(self._stream(self.spec.data.val.urls, split_over_ranks=False))
         self.engine.module.eval()
-        total = torch.zeros(1, dtype=torch.float64)
+        total = torch.zeros(1, dtype=torch.float64, device=self.world.device)
         for _ in range(self.spec.schedule.eval_batches):
             inputs, targets = split_batch(next(batches).to(self.world.device))
             _, parts = lm_loss(self.engine.forward(inputs), targets, 0.0)
-            total += parts["ce"]
+            total += parts["ce"].double()
         self.engine.module.train()
         val_loss = self.all_reduce_mean(total / self.spec.schedule.eval_batches).item()
         self.tensorboard.scalars(self.step, {"loss": val_loss}, prefix="val/")
