@@ -4,9 +4,10 @@ Layout of one checkpoint: step_000123/{engine/, rank_00000.pt..., state.json, ma
 Files are gathered in step_000123.tmp/; the rename to step_000123/ after the manifest is on disk is the
 commit, so a crash mid-save leaves only a .tmp folder that no resume ever reads.
 
-Async save: each rank first writes its part into host memory (a private folder under /dev/shm), which
-is the only stall the training loop sees; a background thread then copies it into the .tmp folder and
-marks it done, and rank 0's thread commits once every rank's mark is there. At most one save is in
+Async save: each rank snapshots its tensors into host memory (checkpoint/io.py; files an engine writes
+itself go to a private folder under /dev/shm), which is the only stall the training loop sees; a
+background thread then serialises and copies everything into the .tmp folder and marks it done, and
+rank 0's thread commits once every rank's mark is there. At most one save is in
 flight; the next save (or `wait()`) joins it and re-raises anything it failed with.
 """
 
@@ -25,9 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ember.checkpoint.fence import Attempt, is_current
+from ember.checkpoint.io import deferred_writes, save_file, write_pending
 from ember.checkpoint.manifest import fsync_path, read_manifest, verify_manifest, write_manifest
 from ember.errors import InternalError, UserError
 from ember.world import World
@@ -87,10 +87,11 @@ class CheckpointManager:
             shutil.rmtree(target, ignore_errors=True)  # a leftover of a crashed save
         self.world.barrier()
         (target / "engine").mkdir(parents=True, exist_ok=True)
-        engine.save(target / "engine")
-        torch.save(rank_state, target / f"rank_{self.world.rank:05d}.pt")
+        with deferred_writes() if self.async_save else contextlib.nullcontext([]) as pending:
+            engine.save(target / "engine")
+            save_file(rank_state, target / f"rank_{self.world.rank:05d}.pt")
         self.world.barrier()
-        publish = _Publish(self, step, target, tmp, final, shared_state)
+        publish = _Publish(self, step, target, tmp, final, shared_state, pending)
         if self.async_save:
             self._pending = threading.Thread(target=publish.run_catching, name=f"ember-ckpt-{step}", daemon=True)
             self._pending.start()
@@ -143,6 +144,7 @@ class _Publish:
     tmp: Path
     final: Path
     shared_state: dict[str, Any]
+    pending: list  # writes deferred to this thread (objects already snapshotted in host memory)
 
     def run_catching(self) -> None:
         try:
@@ -153,7 +155,8 @@ class _Publish:
     def run(self) -> None:
         world = self.manager.world
         if self.staged != self.tmp:
-            shutil.copytree(self.staged, self.tmp, dirs_exist_ok=True)
+            write_pending(self.pending, self.staged, self.tmp)
+            shutil.copytree(self.staged, self.tmp, dirs_exist_ok=True)  # files engines wrote themselves
             shutil.rmtree(self.staged, ignore_errors=True)  # only this rank's: others may still be copying
             with contextlib.suppress(OSError):
                 self.staged.parent.rmdir()  # the last rank out removes the step folder

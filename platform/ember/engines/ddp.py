@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ember.checkpoint.io import save_file
 from ember.engines.base import ENGINES
 from ember.engines.optim import build_optimizer, build_scheduler
 from ember.models.layers.moe import attach_expert_groups
@@ -79,9 +80,9 @@ class TorchEngine:
     def save(self, folder: Path) -> None:
         model_state, optimizer_state = self.module.state_dict(), self._optimizer_state()
         if self.world.is_main:
-            torch.save(model_state, folder / "model.pt")
-            torch.save(optimizer_state, folder / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+            save_file(model_state, folder / "model.pt")
+            save_file(optimizer_state, folder / "optimizer.pt")
+            save_file(self.scheduler.state_dict(), folder / "scheduler.pt")
         self.world.barrier()
 
     def load(self, folder: Path) -> None:

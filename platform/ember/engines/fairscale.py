@@ -11,9 +11,9 @@ import inspect
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
-import torch
 from torch import nn
 
+from ember.checkpoint.io import save_file
 from ember.engines.base import ENGINES
 from ember.engines.ddp import TorchEngine, read_torch_file
 from ember.engines.optim import build_optimizer
@@ -49,10 +49,10 @@ class FairscaleFSDPEngine(ShardedDDPEngine):
 
     def save(self, folder: Path) -> None:
         model_state = self.wrapped.state_dict()  # collective: the full, unsharded weights
-        torch.save(self.optimizer.state_dict(), folder / f"optimizer.rank{self.world.rank:05d}.pt")
+        save_file(self.optimizer.state_dict(), folder / f"optimizer.rank{self.world.rank:05d}.pt")
         if self.world.is_main:
-            torch.save(model_state, folder / "model.pt")
-            torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+            save_file(model_state, folder / "model.pt")
+            save_file(self.scheduler.state_dict(), folder / "scheduler.pt")
         self.world.barrier()
 
     def load(self, folder: Path) -> None:

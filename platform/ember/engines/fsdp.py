@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ember.checkpoint.io import save_file
 from ember.engines.base import ENGINES
 from ember.engines.ddp import TorchEngine, read_torch_file
 from ember.engines.optim import build_optimizer
@@ -37,7 +38,7 @@ class FSDPEngine(TorchEngine):
 
         model_state, optimizer_state = get_state_dict(self.module, self.optimizer)
         if self.world.is_main:
-            torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+            save_file(self.scheduler.state_dict(), folder / "scheduler.pt")
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
         self.world.barrier()
 
