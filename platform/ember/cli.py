@@ -110,22 +110,50 @@ def resume(
 
 @data_app.command("build")
 def data_build(
-    kind: Annotated[str, typer.Argument(help="What to build: text.")],
+    kind: Annotated[str, typer.Argument(help="What to build: text or images.")],
     out: Annotated[Path, typer.Option(help="Output folder for the shards.")],
-    source: Annotated[str, typer.Option(help="Corpus: stdlib (Python's own source).")] = "stdlib",
-    train_shards: Annotated[int, typer.Option(min=1, help="Number of training shards.")] = 8,
-    val_fraction: Annotated[float, typer.Option(min=0.001, max=0.5, help="Held-out fraction.")] = 0.05,
+    source: Annotated[
+        str, typer.Option(help="text: stdlib (Python's own source); images: digits or sample-images.")
+    ] = "stdlib",
+    train_shards: Annotated[int, typer.Option(min=1, help="text: number of training shards.")] = 8,
+    shard_size: Annotated[int, typer.Option(min=1, help="images: samples per training shard.")] = 256,
+    image_size: Annotated[int, typer.Option(help="images: side in pixels (8, 16 or 32).")] = 8,
+    val_fraction: Annotated[
+        float | None, typer.Option(min=0.001, max=0.5, help="Held-out fraction [text 0.05, images 0.165].")
+    ] = None,
 ) -> None:
     """Write WebDataset tar shards (train/val) and a shards.json index."""
-    from ember.data.build import build_text_shards
+    if kind == "text":
+        from ember.data.build import build_text_shards
 
-    if kind != "text":
-        raise UserError(f"ember data build {kind}: unknown kind; use `text`")
-    if source != "stdlib":
-        raise UserError(f"--source {source}: unknown text source; use stdlib")
-    index = build_text_shards(out, source=source, train_shards=train_shards, val_fraction=val_fraction)
+        if source != "stdlib":
+            raise UserError(f"--source {source}: unknown text source; use stdlib")
+        index = build_text_shards(out, source=source, train_shards=train_shards, val_fraction=val_fraction or 0.05)
+    elif kind == "images":
+        from ember.data.build_images import IMAGE_SOURCES, build_image_shards
+
+        if source not in IMAGE_SOURCES:
+            raise UserError(f"--source {source}: unknown kind of image source; use {' or '.join(IMAGE_SOURCES)}")
+        index = build_image_shards(out, source, shard_size, image_size, val_fraction or 0.165)
+    else:
+        raise UserError(f"ember data build {kind}: unknown kind; use `text` or `images`")
     samples = sum(s["samples"] for s in index["shards"])
-    console.print(f"wrote {len(index['shards'])} shards ({samples} samples) to {out}")
+    console.print(f"wrote {len(index['shards'])} shards ({samples} samples) to {out}", markup=False)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    folder: Annotated[Path, typer.Argument(help="Shard folder (with shards.json).")],
+    grid: Annotated[Path | None, typer.Option(help="Write a PNG grid of the first images here.")] = None,
+    keys: Annotated[int, typer.Option(min=0, help="How many first samples to list.")] = 5,
+) -> None:
+    """Print a shard folder's counts, sizes and first sample keys; optionally write an image grid."""
+    from ember.data.inspect import describe, write_grid
+
+    console.print("\n".join(describe(folder, keys)), markup=False, highlight=False, soft_wrap=True)
+    if grid is not None:
+        count = write_grid(folder, grid)
+        console.print(f"wrote a grid of {count} images to {grid}", markup=False)
 
 
 @ckpt_app.command("list")
@@ -173,8 +201,90 @@ def ckpt_export(
     console.print(f"exported {source} -> {out}", markup=False)
 
 
+STATE_DIR = Path(os.environ.get("EMBER_HOME", Path.home() / ".ember")) / "clusters"
+AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray dashboard, e.g. http://127.0.0.1:8265.")]
+
+
+@app.command()
+def up(
+    port: Annotated[int, typer.Option(help="Dashboard / Jobs API port.")] = 8265,
+    gcs_port: Annotated[int, typer.Option(help="GCS port (what workers join).")] = 6379,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs this node offers (default: all).")] = None,
+    join: Annotated[str | None, typer.Option(help="Join the head at HOST:GCS_PORT as a worker node.")] = None,
+    name: Annotated[str, typer.Option(help="Name of this ember-started cluster node.")] = "local",
+) -> None:
+    """Start a local Ray head on 127.0.0.1 (or a worker with --join), token auth on."""
+    from ember.cluster.local import up as start
+
+    cluster = start(STATE_DIR, name, port, gcs_port, num_cpus, join)
+    where = f"dashboard / jobs: {cluster.dashboard}" if cluster.dashboard else f"joined {cluster.address}"
+    console.print(f"{cluster.role} up: {where}; GCS {cluster.address}; token: {cluster.token_path}", markup=False)
+
+
+@app.command()
+def down(name: Annotated[str, typer.Option(help="The `ember up --name` to stop.")] = "local") -> None:
+    """Stop only the Ray processes `ember up` started (never other Ray clusters on this machine)."""
+    from ember.cluster.local import down as stop
+
+    console.print(f"stopped {stop(STATE_DIR, name)} processes of cluster {name!r}", markup=False)
+
+
+@app.command()
+def submit(spec: SpecArg, set_: SetOpt = None, address: AddressOpt = None) -> None:
+    """Validate a job spec locally, then submit it to a Ray cluster's Jobs API; prints the job id."""
+    from ember.cluster.jobs import submit as send
+    from ember.cluster.local import recorded_dashboard
+
+    job_id, target = send(spec, set_ or [], address, recorded_dashboard(STATE_DIR))
+    console.print(f"submitted {job_id} to {target}", markup=False)
+
+
+def _client(address: str | None):
+    from ember.cluster.jobs import connect, resolve_address
+    from ember.cluster.local import recorded_dashboard
+
+    return connect(resolve_address(address, None, recorded_dashboard(STATE_DIR)))
+
+
+@app.command()
+def status(job: Annotated[str, typer.Argument(help="Job id from `ember submit`.")], address: AddressOpt = None) -> None:
+    """A submitted job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    from ember.cluster.jobs import status as job_status
+
+    console.print(job_status(_client(address), job), markup=False)
+
+
+@app.command()
+def logs(
+    job: Annotated[str, typer.Argument(help="Job id.")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until the job ends.")] = False,
+    address: AddressOpt = None,
+) -> None:
+    """A submitted job's driver output."""
+    from ember.cluster.jobs import logs as job_logs
+
+    job_logs(_client(address), job, follow, lambda text: print(text, end="", flush=True))
+
+
+@app.command()
+def stop(job: Annotated[str, typer.Argument(help="Job id.")], address: AddressOpt = None) -> None:
+    """Stop a submitted job."""
+    stopped = _client(address).stop_job(job)
+    console.print(f"{job}: {'stop requested' if stopped else 'not running'}", markup=False)
+
+
+@app.command("list")
+def list_(address: AddressOpt = None) -> None:
+    """Jobs on the cluster."""
+    from ember.cluster.jobs import list_jobs
+
+    for job_id, state, entrypoint in list_jobs(_client(address)):
+        console.print(f"{job_id}  {state:10s}  {entrypoint}", markup=False, highlight=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # ember's clients always send the token (read at ray import)
     try:
         app(args=argv, prog_name="ember")  # click itself reports a wrong flag or argument with exit 2
     except UserError as exc:

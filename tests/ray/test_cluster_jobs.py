@@ -1,0 +1,83 @@
+"""`ember up`, `submit`, `status`, `logs`, `list`, `down` against a real Ray head on 127.0.0.1 with token auth."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from tests.helpers.distributed import free_port
+
+from ember.data.build import build_text_shards
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[2]
+
+
+def ember(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ember.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    home = tmp_path_factory.mktemp("ember-home")
+    env = {**os.environ, "EMBER_HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}
+    port, name = free_port(), f"t{os.getpid()}"
+    started = ember("up", "--port", str(port), "--gcs-port", str(free_port()), "--num-cpus", "2", "--name", name,
+                    env=env)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield f"http://127.0.0.1:{port}", env
+    finally:
+        stopped = ember("down", "--name", name, env=env)
+        assert stopped.returncode == 0, stopped.stderr
+        assert not [line for line in subprocess.run(["ps", "axww"], capture_output=True, text=True).stdout.splitlines()
+                    if f"ember-ray-{name}" in line]
+
+
+def test_the_jobs_api_refuses_requests_without_the_token(cluster) -> None:
+    address, _ = cluster
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{address}/api/jobs/", timeout=30)
+    assert refused.value.code == 401
+
+
+def test_submit_runs_a_spec_and_reports_status_and_logs(cluster, tmp_path: Path) -> None:
+    address, env = cluster
+    shards = tmp_path / "shards"
+    build_text_shards(shards, train_shards=4, max_bytes=2_000_000)
+    sets = [f"run_dir={tmp_path / 'run'}", f"data.train.urls={shards}/train-{{000000..000003}}.tar",
+            f"data.val.urls={shards}/val-000000.tar", "data.build=null", "schedule.steps=6"]
+    submitted = ember("submit", str(REPO / "jobs/debug/tiny-dense.yaml"), "--address", address,
+                      *[p for s in sets for p in ("--set", s)], env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.split("submitted ")[1].split()[0]
+    deadline, state = time.monotonic() + 300, ""
+    while state not in ("SUCCEEDED", "FAILED", "STOPPED") and time.monotonic() < deadline:
+        time.sleep(2)
+        state = ember("status", job, "--address", address, env=env).stdout.strip()
+    assert state == "SUCCEEDED", ember("logs", job, "--address", address, env=env).stdout
+    logged = ember("logs", job, "--address", address, env=env).stdout
+    assert "step      6/6" in logged and "checkpoint committed" in logged
+    assert job in ember("list", "--address", address, env=env).stdout
+    assert (tmp_path / "run" / "checkpoints" / "step_000006" / "manifest.json").is_file()
+
+
+def test_a_wrong_token_is_refused_by_the_cluster_and_ember_says_why(cluster) -> None:
+    address, env = cluster
+    refused = ember("list", "--address", address, env={**env, "RAY_AUTH_TOKEN": "not-the-token"})
+    assert refused.returncode == 2 and "rejected the auth token" in refused.stderr
+
+
+def test_a_bad_spec_is_refused_before_anything_is_sent(cluster) -> None:
+    address, env = cluster
+    refused = ember("submit", str(REPO / "jobs/debug/tiny-dense.yaml"), "--address", address,
+                    "--set", "engine.zero_stage=2", env=env)
+    assert refused.returncode == 2 and "engine.zero_stage" in refused.stderr
+    assert "engine-debug" not in ember("list", "--address", address, env=env).stdout
