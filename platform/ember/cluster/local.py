@@ -94,8 +94,11 @@ def down(state_dir: Path, name: str) -> int:
 
 
 def stop_processes_under(temp_dir: str) -> int:
+    """Terminate (then kill) every process naming temp_dir on its command line, and their children."""
+    me = psutil.Process()
+    spared = {me.pid, *(p.pid for p in me.parents())}  # a caller whose own command line names the folder
     roots = [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in part for part in p.info["cmdline"] or [])]
-    processes = {p.pid: p for root in roots for p in [root, *_children(root)]}
+    processes = {p.pid: p for root in roots for p in [root, *_children(root)] if p.pid not in spared}
     for process in processes.values():
         try:
             process.terminate()

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# A single-node Slurm for the launcher test, without systemd: munge + slurmctld + slurmd on this host.
+#   bash .ci/slurm.sh start   (installs Debian's packages if missing)   |   bash .ci/slurm.sh stop
+set -euo pipefail
+state=/tmp/ember-slurm-ci
+case "${1:-start}" in
+  start)
+    if ! command -v slurmctld >/dev/null; then
+      apt-get update -qq >/dev/null
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null
+    fi
+    mkdir -p "$state" /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge /etc/munge
+    [ -s /etc/munge/munge.key ] || dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
+    chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge 2>/dev/null || true
+    chmod 0700 /etc/munge && chmod 0400 /etc/munge/munge.key && chmod 0755 /run/munge
+    host=$(hostname)
+    memory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
+    cat > /etc/slurm/slurm.conf <<CONF
+ClusterName=ember
+SlurmctldHost=$host
+SlurmUser=root
+AuthType=auth/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+MinJobAge=4
+StateSaveLocation=/var/spool/slurmctld
+SlurmdSpoolDir=/var/spool/slurmd
+SlurmctldPidFile=$state/slurmctld.pid
+SlurmdPidFile=$state/slurmd.pid
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
+NodeName=$host CPUs=$(nproc) RealMemory=$memory State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+CONF
+    su -s /bin/sh munge -c "/usr/sbin/munged --pid-file=$state/munged.pid"
+    /usr/sbin/slurmctld
+    /usr/sbin/slurmd
+    for _ in $(seq 1 30); do sinfo -h -o %T 2>/dev/null | grep -qE "idle|mixed" && exit 0; sleep 1; done
+    echo "slurm did not come up" >&2; sinfo >&2 || true; exit 1
+    ;;
+  stop)
+    for daemon in slurmd slurmctld munged; do
+      [ -f "$state/$daemon.pid" ] && kill "$(cat "$state/$daemon.pid")" 2>/dev/null || true
+    done
+    ;;
+esac
