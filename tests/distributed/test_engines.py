@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 import torch
-from tests.helpers.distributed import run_on_ranks
 
 from ember.engines.base import build_engine
 from ember.engines.deepspeed import deepspeed_config
@@ -28,6 +27,7 @@ from ember.models import build_model
 from ember.spec import JobSpec
 from ember.train.objectives.lm import lm_loss, split_batch
 from ember.world import World, world_from_env
+from tests.helpers.distributed import run_on_ranks
 
 pytestmark = pytest.mark.distributed
 

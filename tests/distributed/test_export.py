@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers.distributed import run_on_ranks
 
 from ember.checkpoint.export import export_safetensors, load_exported
 from ember.checkpoint.manager import CheckpointManager
@@ -17,6 +16,7 @@ from ember.models.layers.moe import attach_expert_groups
 from ember.spec import JobSpec
 from ember.train.objectives.lm import lm_loss, split_batch
 from ember.world import local_world, world_from_env
+from tests.helpers.distributed import run_on_ranks
 
 pytestmark = pytest.mark.distributed
 SEQ, MICRO = 32, 4

@@ -13,10 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 from safetensors.torch import load_file
-from tests.helpers.distributed import free_port
 
 from ember.data.build import build_text_shards
 from ember.errors import RESUMABLE_EXIT_CODE
+from tests.helpers.distributed import free_port
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]

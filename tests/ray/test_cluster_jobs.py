@@ -11,9 +11,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from tests.helpers.distributed import free_port
 
 from ember.data.build import build_text_shards
+from tests.helpers.distributed import free_port
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
