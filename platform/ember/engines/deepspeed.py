@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ember.checkpoint.io import save_file
 from ember.engines.base import ENGINES
 from ember.engines.optim import build_optimizer, build_scheduler
 from ember.errors import UserError
@@ -74,8 +75,12 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 
 class DeepSpeedEngine:
-    # ZeRO partitions are cut for the saving world size; DeepSpeed's own load refuses another one.
-    reshards_on_load = False
+    @property
+    def reshards_on_load(self) -> bool:
+        """DeepSpeed's own load refuses another world size; ember converts ZeRO 0-2 checkpoints (reshard.py)."""
+        from ember.checkpoint.reshard import reshard_problem
+
+        return reshard_problem(self.ds) is None
 
     def __init__(self, ds, world: World) -> None:
         self.ds, self.world = ds, world
@@ -112,6 +117,12 @@ class DeepSpeedEngine:
         self.ds.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
 
     def load(self, folder: Path) -> None:
+        from ember.checkpoint.reshard import load_resharded, saved_layout
+
+        saved = saved_layout(folder)
+        if not saved.matches(self.world, self.ds.zero_optimization_stage()):
+            load_resharded(self.ds, folder, self.world, saved)  # another world size, ep_size or ZeRO stage
+            return
         path, _ = self.ds.load_checkpoint(
             str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
         )
@@ -158,4 +169,21 @@ def build_deepspeed_engine(spec, model: nn.Module, world: World) -> DeepSpeedEng
     ds, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec)
     )
+    ds.checkpoint_engine = ember_checkpoint_engine(ds.checkpoint_engine)
     return DeepSpeedEngine(ds, world)
+
+
+def ember_checkpoint_engine(default):
+    """DeepSpeed's torch checkpoint engine, writing through ember's save_file (deferrable for async save)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    if type(default) is not TorchCheckpointEngine:
+        return default  # a user-configured engine (Nebula, decoupled, ...) keeps its own I/O
+
+    class EmberCheckpointEngine(TorchCheckpointEngine):
+        def save(self, state_dict, path: str) -> None:
+            save_file(state_dict, Path(path))
+
+    engine = EmberCheckpointEngine.__new__(EmberCheckpointEngine)
+    engine.__dict__.update(default.__dict__)
+    return engine
