@@ -177,3 +177,11 @@ def test_resume_check_reports_checkpoint_reshard_and_spec_changes(tmp_path: Path
     # The global batch (32) stays: accumulation 2 -> 1 and micro-batch 8 -> 4 over 8 workers.
     assert "schedule.micro_batch: 8 -> 4" in out and "cluster.num_workers: 2 -> 8" in out
     assert "data.train" not in out
+
+
+def test_resume_on_a_world_the_ep_size_does_not_divide_picks_one_that_does() -> None:
+    from ember.train.resume import fit_expert_parallelism
+
+    spec = JobSpec.load(Path(__file__).resolve().parents[2] / "jobs" / "quickstart.yaml")  # 4 experts, ep 2
+    assert fit_expert_parallelism(spec, 3) == ["model.moe.ep_size=1"]
+    assert fit_expert_parallelism(spec, 4) == []

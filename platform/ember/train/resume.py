@@ -57,6 +57,7 @@ def plan_resume(run_dir: Path, world_size: int | None = None, overrides: list[st
     if world_size is not None:
         saved = JobSpec.load(spec_file, extra)
         extra += [f"cluster.num_workers={world_size}", *keep_global_batch(saved, world_size)]
+        extra += fit_expert_parallelism(saved, world_size)
     spec = JobSpec.load(spec_file, extra)
     manager = CheckpointManager(run_dir / "checkpoints", world=None)
     found = manager.latest_valid(checksums=spec.checkpoint.verify_checksums)
@@ -76,6 +77,15 @@ def keep_global_batch(spec: JobSpec, world_size: int) -> list[str]:
         if total % (accumulation * world_size) == 0 and total // (accumulation * world_size) <= micro:
             return [f"schedule.micro_batch={total // (accumulation * world_size)}", f"schedule.global_batch={total}"]
     raise UserError(f"global batch {total} cannot be split over {world_size} workers; pick a divisor of {total}")
+
+
+def fit_expert_parallelism(spec: JobSpec, world_size: int) -> list[str]:
+    """The largest EP size, no larger than the saved one, that divides both the experts and the workers."""
+    moe = spec.model.moe
+    if moe is None or world_size % moe.ep_size == 0:
+        return []
+    fits = [size for size in range(moe.ep_size, 0, -1) if moe.num_experts % size == 0 and world_size % size == 0]
+    return [f"model.moe.ep_size={fits[0]}"]
 
 
 def diff_specs(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:
