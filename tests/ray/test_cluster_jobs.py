@@ -64,7 +64,7 @@ def test_submit_runs_a_spec_and_reports_status_and_logs(cluster, tmp_path: Path)
         state = ember("status", job, "--address", address, env=env).stdout.strip()
     assert state == "SUCCEEDED", ember("logs", job, "--address", address, env=env).stdout
     logged = ember("logs", job, "--address", address, env=env).stdout
-    assert "step      6/6" in logged and "checkpoint committed" in logged
+    assert "step      6/6" in logged and "checkpoint saved" in logged
     assert job in ember("list", "--address", address, env=env).stdout
     assert (tmp_path / "run" / "checkpoints" / "step_000006" / "manifest.json").is_file()
 

@@ -56,7 +56,8 @@ def test_sbatch_runs_the_job_and_stops_its_ray(slurm: Path, tmp_path: Path) -> N
     job = sbatch(tmp_path / "run", slurm, steps=6)
     job_id = job.stdout.readline().strip()
     assert job.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()
-    assert "checkpoint committed" in (tmp_path / "run.log").read_text()
+    assert "checkpoint saved" in (tmp_path / "run.log").read_text()
+    assert (tmp_path / "run" / "checkpoints" / "step_000006" / "manifest.json").is_file()
     assert ray_left_behind(job_id) == []
 
 

@@ -11,15 +11,26 @@ from ember.spec.model import GPTSpec
 from ember.world import World
 
 
-def gather_hosts(world: World) -> list[str]:
-    """Every rank's host name, in rank order (collective)."""
-    hosts = [socket.gethostname()] * world.world_size
+def gather_hosts(world: World) -> list[dict[str, str | None]]:
+    """Every rank's host name and Ray node id (None outside Ray), in rank order (collective)."""
+    mine = {"host": socket.gethostname(), "node_id": ray_node_id()}
+    hosts = [mine] * world.world_size
     if world.world_size > 1:
-        dist.all_gather_object(hosts, socket.gethostname())
+        dist.all_gather_object(hosts, mine)
     return hosts
 
 
-def expert_placement(model: GPTSpec, world: World, hosts: list[str]) -> dict[str, Any] | None:
+def ray_node_id() -> str | None:
+    """Two Ray nodes can share a host; the node id tells them apart."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except ImportError:
+        return None
+
+
+def expert_placement(model: GPTSpec, world: World, hosts: list[dict[str, str | None]]) -> dict[str, Any] | None:
     """layer -> global expert -> EP rank, and which ranks (on which hosts) hold each EP rank's experts."""
     moe = model.moe
     if moe is None:
@@ -30,5 +41,5 @@ def expert_placement(model: GPTSpec, world: World, hosts: list[str]) -> dict[str
         "ep_size": moe.ep_size,
         "num_experts": moe.num_experts,
         "layers": {str(layer): {str(e): e // per_rank for e in range(moe.num_experts)} for layer in moe_layers},
-        "ranks": [{"rank": r, "host": hosts[r], "ep_rank": r % moe.ep_size} for r in range(world.world_size)],
+        "ranks": [{"rank": r, **hosts[r], "ep_rank": r % moe.ep_size} for r in range(world.world_size)],
     }

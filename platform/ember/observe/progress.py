@@ -47,6 +47,8 @@ def format_event(event: dict[str, Any]) -> str:
     if kind == "eval":
         return f"step {event['step']:>6}  held-out loss {event['val_loss']:.4f} nats/token"
     if kind == "checkpoint":
+        if event.get("background"):
+            return f"step {event['step']:>6}  checkpoint saved, committing in the background: {event['path']}"
         return f"step {event['step']:>6}  checkpoint committed: {event['path']}"
     if kind == "resume":
         return f"resuming from {event['path']} (step {event['step']})"

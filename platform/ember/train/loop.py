@@ -186,7 +186,8 @@ class Trainer:
         shared = {"data": merge_states(cursors), "world_size": self.world.world_size}
         saved = self.checkpoints.save(self.step, self.engine, shared, {"rng": rng_state()})
         self.tensorboard.scalars(self.step, {"stall_s": saved.stall_s}, prefix="checkpoint/")
-        self.reporter.emit("checkpoint", step=self.step, path=str(saved.path), stall_s=saved.stall_s)
+        self.reporter.emit("checkpoint", step=self.step, path=str(saved.path), stall_s=saved.stall_s,
+                           background=self.spec.checkpoint.async_save)
 
     def stop_preempted(self) -> dict[str, Any]:
         """Checkpoint committed; stop cleanly so the scheduler (or `ember run` again) resumes from it."""

@@ -1,0 +1,80 @@
+"""Two Ray nodes on one machine (`ember up` + `ember up --join`, one CPU each): an EP=2 job spans both;
+losing the worker node mid-run makes the job wait, then resume from the newest committed checkpoint once
+a node joins again."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ember.data.build import build_text_shards
+from tests.helpers.distributed import free_port
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[2]
+
+
+def ember(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "ember.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
+
+
+def events(run_dir: Path) -> list[dict]:
+    path = run_dir / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_expert_parallel_job_spans_two_nodes_and_survives_losing_one(tmp_path: Path) -> None:
+    env = {**os.environ, "EMBER_HOME": str(tmp_path / "home"), "RAY_USAGE_STATS_ENABLED": "0"}
+    port, gcs = free_port(), free_port()
+    head, node = f"h{os.getpid()}", f"w{os.getpid()}"
+    shards = tmp_path / "shards"
+    build_text_shards(shards, train_shards=4, max_bytes=2_000_000)
+    run_dir = tmp_path / "run"
+    ember("up", "--name", head, "--port", str(port), "--gcs-port", str(gcs), "--num-cpus", "1", env=env)
+    try:
+        ember("up", "--name", node, "--join", f"127.0.0.1:{gcs}", "--num-cpus", "1", env=env)
+        sets = [f"run_dir={run_dir}", f"data.train.urls={shards}/train-{{000000..000003}}.tar",
+                f"data.val.urls={shards}/val-000000.tar", "data.build=null", "schedule.steps=60",
+                "checkpoint.every_n_steps=5", "cluster.max_failures=3", "logging.sample_tokens=0"]
+        submitted = ember("submit", str(REPO / "jobs/debug/tiny-moe.yaml"), "--address", f"http://127.0.0.1:{port}",
+                          *[p for s in sets for p in ("--set", s)], env=env)
+        job = submitted.stdout.split("submitted ")[1].split()[0]
+
+        wait_for(lambda: any(e["kind"] == "step" and e["step"] >= 12 for e in events(run_dir)), 300, "step 12")
+        manifest = json.loads(sorted((run_dir / "checkpoints").glob("step_*/manifest.json"))[-1].read_text())
+        assert len({rank["node_id"] for rank in manifest["placement"]["ranks"]}) == 2  # EP ranks on both nodes
+
+        ember("down", "--name", node, env=env)  # the worker node's processes are gone
+        before = len(events(run_dir))
+        time.sleep(10)
+        assert ember("status", job, "--address", f"http://127.0.0.1:{port}", env=env).stdout.strip() == "RUNNING"
+        ember("up", "--name", node, "--join", f"127.0.0.1:{gcs}", "--num-cpus", "1", env=env)
+
+        def finished() -> bool:
+            state = ember("status", job, "--address", f"http://127.0.0.1:{port}", env=env).stdout.strip()
+            return state in ("SUCCEEDED", "FAILED", "STOPPED")
+
+        wait_for(finished, 400, "the job to finish")
+        assert ember("status", job, "--address", f"http://127.0.0.1:{port}", env=env).stdout.strip() == "SUCCEEDED"
+        resumes = [e for e in events(run_dir)[before:] if e["kind"] == "resume"]
+        assert resumes and resumes[0]["step"] % 5 == 0 and resumes[0]["step"] >= 10
+        assert (run_dir / "checkpoints" / "step_000060" / "manifest.json").is_file()
+    finally:
+        subprocess.run([sys.executable, "-m", "ember.cli", "down", "--name", node], env=env, capture_output=True)
+        subprocess.run([sys.executable, "-m", "ember.cli", "down", "--name", head], env=env, capture_output=True)
