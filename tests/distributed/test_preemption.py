@@ -14,8 +14,8 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
-from ember.data.build import build_text_shards
 from ember.errors import RESUMABLE_EXIT_CODE
+from tests.conftest import shard_overrides
 from tests.helpers.distributed import free_port
 
 pytestmark = pytest.mark.distributed
@@ -23,18 +23,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("preempt-data") / "stdlib-text"
-    build_text_shards(out, train_shards=4, max_bytes=2_000_000)
-    return out
+def shards(text_shards: Path) -> Path:
+    return text_shards
 
 
 def torchrun(run_dir: Path, shards: Path) -> list[str]:
-    items = [
-        f"run_dir={run_dir}", f"data.train.urls={shards}/train-{{000000..000003}}.tar",
-        f"data.val.urls={shards}/val-000000.tar", "data.build=null", "schedule.steps=20",
-        "checkpoint.every_n_steps=100", "logging.sample_tokens=0",
-    ]
+    items = [f"run_dir={run_dir}", *shard_overrides(shards), "schedule.steps=20", "checkpoint.every_n_steps=100",
+             "logging.sample_tokens=0"]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
             "-m", "ember.train.torchrun", str(REPO / "jobs" / "debug" / "tiny-dense.yaml"),
             *[p for item in items for p in ("--set", item)]]

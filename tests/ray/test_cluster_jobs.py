@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.data.build import build_text_shards
+from tests.conftest import shard_overrides
 from tests.helpers.distributed import free_port
 
 pytestmark = pytest.mark.ray
@@ -48,12 +48,9 @@ def test_the_jobs_api_refuses_requests_without_the_token(cluster) -> None:
     assert refused.value.code == 401
 
 
-def test_submit_runs_a_spec_and_reports_status_and_logs(cluster, tmp_path: Path) -> None:
+def test_submit_runs_a_spec_and_reports_status_and_logs(cluster, tmp_path: Path, text_shards: Path) -> None:
     address, env = cluster
-    shards = tmp_path / "shards"
-    build_text_shards(shards, train_shards=4, max_bytes=2_000_000)
-    sets = [f"run_dir={tmp_path / 'run'}", f"data.train.urls={shards}/train-{{000000..000003}}.tar",
-            f"data.val.urls={shards}/val-000000.tar", "data.build=null", "schedule.steps=6"]
+    sets = [f"run_dir={tmp_path / 'run'}", *shard_overrides(text_shards), "schedule.steps=6"]
     submitted = ember("submit", str(REPO / "jobs/debug/tiny-dense.yaml"), "--address", address,
                       *[p for s in sets for p in ("--set", s)], env=env)
     assert submitted.returncode == 0, submitted.stderr

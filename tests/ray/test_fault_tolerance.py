@@ -14,8 +14,8 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
-from ember.data.build import build_text_shards
 from ember.errors import RESUMABLE_EXIT_CODE
+from tests.conftest import shard_overrides
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
@@ -23,18 +23,13 @@ STEPS = 24
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ft-data") / "stdlib-text"
-    build_text_shards(out, train_shards=4, max_bytes=2_000_000)
-    return out
+def shards(text_shards: Path) -> Path:
+    return text_shards
 
 
 def command(run_dir: Path, shards: Path, *overrides: str) -> list[str]:
-    items = [
-        f"run_dir={run_dir}", f"data.train.urls={shards}/train-{{000000..000003}}.tar",
-        f"data.val.urls={shards}/val-000000.tar", "data.build=null", f"schedule.steps={STEPS}",
-        "checkpoint.every_n_steps=6", "logging.sample_tokens=0", *overrides,
-    ]
+    items = [f"run_dir={run_dir}", *shard_overrides(shards), f"schedule.steps={STEPS}", "checkpoint.every_n_steps=6",
+             "logging.sample_tokens=0", *overrides]
     spec = str(REPO / "jobs" / "debug" / "tiny-moe.yaml")
     return [sys.executable, "-m", "ember.cli", "run", spec, *[p for item in items for p in ("--set", item)]]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ember.data.build import build_text_shards
+from tests.conftest import shard_overrides
 from tests.helpers.distributed import free_port
 
 pytestmark = pytest.mark.ray
@@ -39,19 +39,16 @@ def events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_expert_parallel_job_spans_two_nodes_and_survives_losing_one(tmp_path: Path) -> None:
+def test_expert_parallel_job_spans_two_nodes_and_survives_losing_one(tmp_path: Path, text_shards: Path) -> None:
     env = {**os.environ, "EMBER_HOME": str(tmp_path / "home"), "RAY_USAGE_STATS_ENABLED": "0"}
     port, gcs = free_port(), free_port()
     head, node = f"h{os.getpid()}", f"w{os.getpid()}"
-    shards = tmp_path / "shards"
-    build_text_shards(shards, train_shards=4, max_bytes=2_000_000)
     run_dir = tmp_path / "run"
     ember("up", "--name", head, "--port", str(port), "--gcs-port", str(gcs), "--num-cpus", "1", env=env)
     try:
         ember("up", "--name", node, "--join", f"127.0.0.1:{gcs}", "--num-cpus", "1", env=env)
-        sets = [f"run_dir={run_dir}", f"data.train.urls={shards}/train-{{000000..000003}}.tar",
-                f"data.val.urls={shards}/val-000000.tar", "data.build=null", "schedule.steps=60",
-                "checkpoint.every_n_steps=5", "cluster.max_failures=3", "logging.sample_tokens=0"]
+        sets = [f"run_dir={run_dir}", *shard_overrides(text_shards), "schedule.steps=60", "checkpoint.every_n_steps=5",
+                "cluster.max_failures=3", "logging.sample_tokens=0"]
         submitted = ember("submit", str(REPO / "jobs/debug/tiny-moe.yaml"), "--address", f"http://127.0.0.1:{port}",
                           *[p for s in sets for p in ("--set", s)], env=env)
         job = submitted.stdout.split("submitted ")[1].split()[0]

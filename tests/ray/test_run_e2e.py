@@ -13,40 +13,24 @@ import torch
 from ember.checkpoint.export import load_exported
 from ember.checkpoint.manager import CheckpointManager
 from ember.checkpoint.manifest import verify_manifest
-from ember.data.build import build_text_shards
 from ember.data.stream import ShardStream
 from ember.observe.tensorboard import read_scalars
 from ember.train.objectives.lm import split_batch
 from ember.world import local_world
+from tests.conftest import shard_overrides
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("e2e-data") / "stdlib-text"
-    build_text_shards(out, train_shards=4, max_bytes=3_000_000)
-    return out
+def shards(text_shards: Path) -> Path:
+    return text_shards
 
 
 def ember_run(spec: str, run_dir: Path, shards: Path, *overrides: str) -> subprocess.CompletedProcess:
-    args = [
-        sys.executable,
-        "-m",
-        "ember.cli",
-        "run",
-        str(REPO / spec),
-        "--set",
-        f"run_dir={run_dir}",
-        "--set",
-        f"data.train.urls={shards}/train-{{000000..000003}}.tar",
-        "--set",
-        f"data.val.urls={shards}/val-000000.tar",
-        "--set",
-        "data.build=null",
-        *[part for item in overrides for part in ("--set", item)],
-    ]
+    items = [f"run_dir={run_dir}", *shard_overrides(shards), *overrides]
+    args = [sys.executable, "-m", "ember.cli", "run", str(REPO / spec), *[p for item in items for p in ("--set", item)]]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     return subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ember.data.build import build_text_shards
 from ember.errors import RESUMABLE_EXIT_CODE
+from tests.conftest import shard_overrides
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
@@ -26,20 +26,17 @@ def slurm_is_up() -> bool:
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def slurm(text_shards: Path) -> Path:
     if not slurm_is_up():
         if os.environ.get("CI"):
             pytest.fail("CI must start Slurm first: bash .ci/slurm.sh start")
         pytest.skip("no Slurm here: start one with `bash .ci/slurm.sh start`")
-    shards = tmp_path_factory.mktemp("slurm-data") / "stdlib-text"
-    build_text_shards(shards, train_shards=4, max_bytes=2_000_000)
-    return shards
+    return text_shards
 
 
 def sbatch(run_dir: Path, shards: Path, steps: int) -> subprocess.Popen:
-    sets = [f"run_dir={run_dir}", f"data.train.urls={shards}/train-{{000000..000003}}.tar",
-            f"data.val.urls={shards}/val-000000.tar", "data.build=null", f"schedule.steps={steps}",
-            "logging.sample_tokens=0", "checkpoint.every_n_steps=1000"]
+    sets = [f"run_dir={run_dir}", *shard_overrides(shards), f"schedule.steps={steps}", "logging.sample_tokens=0",
+            "checkpoint.every_n_steps=1000"]
     command = ["sbatch", "--wait", "--nodes=1", f"--cpus-per-task={os.cpu_count()}", "--parsable",
                f"--output={run_dir.parent / (run_dir.name + '.log')}", str(REPO / "launchers/slurm/ember.sbatch"),
                str(REPO / "jobs/debug/tiny-dense.yaml"), *[p for s in sets for p in ("--set", s)]]

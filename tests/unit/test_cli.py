@@ -36,7 +36,8 @@ def test_validate_ok(capsys) -> None:
             "/nonexistent/x-0.tar",
         ),
         (["validate", QUICKSTART, "--frobnicate"], "No such option"),
-        (["data", "build", "images", "--out", "/tmp/x"], "unknown kind"),
+        (["data", "build", "video", "--out", "/tmp/x"], "unknown kind"),
+        (["data", "build", "images", "--source", "nope", "--out", "/tmp/x"], "--source nope"),
         (["ckpt", "export", "/nonexistent/run", "--out", "/tmp/x.safetensors"], "/nonexistent/run"),
     ],
 )

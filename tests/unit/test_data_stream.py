@@ -231,9 +231,7 @@ def test_resume_far_into_an_epoch_reads_only_the_current_shard_of_each_slot(stdl
     state = saved(reference.state())
     assert all(c["sample_index"] >= 2 and c["epoch"] == 0 for c in state["slots"].values())
     opener, decoder = CountingOpener(), CountingDecoder()
-    resumed = ShardStream(
-        train_urls(stdlib_shards), rank=0, world_size=1, opener=opener, decode=decoder, **options
-    )
+    resumed = ShardStream(train_urls(stdlib_shards), rank=0, world_size=1, opener=opener, decode=decoder, **options)
     resumed.load_state(state)
     assert torch.equal(resumed.next_batch(), reference.next_batch())
     urls = train_urls(stdlib_shards)
@@ -259,9 +257,7 @@ def test_a_truncated_shard_raises_naming_the_file(stdlib_shards: Path, tmp_path:
     assert "sample" in str(caught.value) and "on_error=skip" in str(caught.value)
 
 
-def test_skip_passes_a_truncated_shard_and_leaves_other_slots_alone(
-    stdlib_shards: Path, tmp_path: Path
-) -> None:
+def test_skip_passes_a_truncated_shard_and_leaves_other_slots_alone(stdlib_shards: Path, tmp_path: Path) -> None:
     urls = train_urls(stdlib_shards)
     broken_urls = list(urls)
     broken_urls[2] = str(truncated_copy(Path(urls[2]), tmp_path))
@@ -299,3 +295,59 @@ def test_a_missing_shard_is_a_user_error_naming_it(stdlib_shards: Path, tmp_path
     )
     with pytest.raises(UserError, match="absent.tar"):
         take(stream, 1)
+
+
+def test_a_shard_cut_at_a_member_boundary_is_caught_too(stdlib_shards: Path, tmp_path: Path) -> None:
+    # tarfile itself reads such a cut as a normal end of archive; a complete tar ends in zero blocks.
+    shard = stdlib_shards / "train-000000.tar"
+    with tarfile.open(shard) as tar:
+        third = tar.getmembers()[2]
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(shard.read_bytes()[: third.offset])
+    options = {**SMALL, "num_slots": 1, "seq_len": 1024, "micro_batch": 1}
+    with pytest.raises(UserError, match="cut.tar: corrupt or truncated shard .* end-of-archive"):
+        take(ShardStream([str(cut)], rank=0, world_size=1, **options), 200)
+    skipping = ShardStream([str(cut)], rank=0, world_size=1, **{**options, "on_error": "skip"})
+    take(skipping, 200)
+    assert skipping.skipped >= 1 and all(c["epoch"] >= 1 for c in skipping.state()["slots"].values())
+
+
+class ByteCountingOpener:
+    """The stream's `opener` hook, counting the bytes read through the files it opens."""
+
+    def __init__(self) -> None:
+        self.read = 0
+
+    def __call__(self, url: str) -> BinaryIO:
+        file, opener = open_url(url), self
+
+        class Counted:
+            def read(self, size: int = -1) -> bytes:
+                data = file.read(size)
+                opener.read += len(data)
+                return data
+
+            def seekable(self) -> bool:
+                return file.seekable()
+
+            def seek(self, offset: int) -> int:
+                return file.seek(offset)
+
+            def close(self) -> None:
+                file.close()
+
+        return Counted()
+
+
+def test_resume_seeks_to_the_saved_sample_instead_of_reading_up_to_it(stdlib_shards: Path) -> None:
+    options = {**SMALL, "num_slots": 1, "micro_batch": 4}
+    reference = ShardStream(train_urls(stdlib_shards), rank=0, world_size=1, **options)
+    while reference.state()["slots"]["0"]["tar_offset"] < 300_000:
+        reference.next_batch()
+    state = saved(reference.state())
+    assert state["slots"]["0"]["epoch"] == 0 and state["slots"]["0"]["shard_pos"] == 0
+    opener = ByteCountingOpener()
+    resumed = ShardStream(train_urls(stdlib_shards), rank=0, world_size=1, opener=opener, **options)
+    resumed.load_state(state)
+    assert_same_batches(take(resumed, 3), take(reference, 3))
+    assert opener.read < state["slots"]["0"]["tar_offset"] / 2  # what comes after, not the 300 KB before

@@ -1,4 +1,5 @@
-"""Corpus -> WebDataset shards, URL expansion, and the check that a job's shards exist before it starts."""
+"""Corpus -> WebDataset shards (the shared shard-set writer), URL expansion, and the check that a job's shards
+exist before it starts. Image shards: build_images.py."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import re
 import shutil
 import sysconfig
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from braceexpand import braceexpand
 from webdataset import TarWriter
 
 from ember.errors import InternalError, UserError
-from ember.spec.data import DataSpec
+from ember.spec.data import DataSpec, ImageBuildSpec, TextBuildSpec
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +45,31 @@ def build_text_shards(
     max_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Write `train_shards` train tars, `val-000000.tar` and `shards.json` into `out`; return the manifest."""
-    out = Path(out)
     files = collect_source_files(source, max_bytes)
     train, val = split_train_val(files, val_fraction)
     groups = deal_by_bytes(train, train_shards)
+    named = [(f"train-{i:06d}.tar", group) for i, group in enumerate(groups)] + [("val-000000.tar", val)]
+    shards = [(name, (text_sample(f) for f in group)) for name, group in named]
+    manifest = write_shard_set(Path(out), shards, {"kind": "text", "source": source})
+    log.info("wrote %d train + 1 val shards (%d files) to %s", train_shards, len(files), out)
+    return manifest
+
+
+def write_shard_set(
+    out: Path, shards: list[tuple[str, Iterable[dict[str, Any]]]], facts: dict[str, Any]
+) -> dict[str, Any]:
+    """Write each (name, samples) as a tar plus `shards.json` (facts + per-shard entries) into a staging
+    folder beside `out`, then publish it: readers never see a half-written shard set."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     staging.chmod(0o755)  # mkdtemp makes it private, and it becomes `out` itself
     try:
-        named = [(f"train-{i:06d}.tar", group) for i, group in enumerate(groups)] + [("val-000000.tar", val)]
-        shards = [write_shard(staging / name, group) for name, group in named]
-        manifest = {"source": source, "shards": shards, "created_by": "ember"}
+        entries = [write_shard(staging / name, samples) for name, samples in shards]
+        manifest = {**facts, "shards": entries, "created_by": "ember"}
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("wrote %d train + 1 val shards (%d files) to %s", train_shards, len(files), out)
     return manifest
 
 
@@ -93,9 +104,7 @@ def is_validation(relpath: str, val_fraction: float) -> bool:
     return int(hashlib.sha256(relpath.encode()).hexdigest()[:8], 16) / 2**32 < val_fraction
 
 
-def split_train_val(
-    files: list[SourceFile], val_fraction: float
-) -> tuple[list[SourceFile], list[SourceFile]]:
+def split_train_val(files: list[SourceFile], val_fraction: float) -> tuple[list[SourceFile], list[SourceFile]]:
     val = [f for f in files if is_validation(f.relpath, val_fraction)]
     train = [f for f in files if not is_validation(f.relpath, val_fraction)]
     return train, val
@@ -104,9 +113,7 @@ def split_train_val(
 def deal_by_bytes(files: list[SourceFile], shards: int) -> list[list[SourceFile]]:
     """Give each file, in path order, to the shard holding the fewest bytes so far (lowest index on ties)."""
     if len(files) < shards:
-        raise UserError(
-            f"only {len(files)} training files for {shards} shards; lower train_shards or max_bytes"
-        )
+        raise UserError(f"only {len(files)} training files for {shards} shards; lower train_shards or max_bytes")
     groups: list[list[SourceFile]] = [[] for _ in range(shards)]
     sizes = [0] * shards
     for file in files:
@@ -121,21 +128,26 @@ def sample_key(relpath: str) -> str:
     return relpath.replace(".", "_").replace("/", "--")
 
 
-def write_shard(path: Path, files: list[SourceFile]) -> dict[str, Any]:
-    """Write one tar of `txt` samples; fixed owner and mtime so equal inputs give equal bytes."""
-    keys = [sample_key(f.relpath) for f in files]
-    if len(set(keys)) != len(keys):
-        raise InternalError(f"sample keys collide in {path.name}")
+def text_sample(file: SourceFile) -> dict[str, Any]:
+    return {"__key__": sample_key(file.relpath), "txt": file.path.read_bytes()}
+
+
+def write_shard(path: Path, samples: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Write one tar of WebDataset samples; fixed owner and mtime so equal inputs give equal bytes."""
+    keys: set[str] = set()
     with (
         open(path, "wb") as stream,
         TarWriter(stream, user="ember", group="ember", mtime=0, encoder=False) as tar,
     ):
-        for key, file in zip(keys, files, strict=True):
-            tar.write({"__key__": key, "txt": file.path.read_bytes()})
+        for sample in samples:
+            if sample["__key__"] in keys:
+                raise InternalError(f"sample key {sample['__key__']!r} occurs twice in {path.name}")
+            keys.add(sample["__key__"])
+            tar.write(sample)
     data = path.read_bytes()
     return {
         "name": path.name,
-        "samples": len(files),
+        "samples": len(keys),
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
     }
@@ -172,21 +184,31 @@ def local_path(url: str) -> Path | None:
 
 
 def missing_local_shards(data_spec: DataSpec) -> list[str]:
-    shard_sets = [data_spec.train] + ([data_spec.val] if data_spec.val is not None else [])
+    shard_sets = data_spec.train_sets() + ([data_spec.val] if data_spec.val is not None else [])
     urls = [url for shard_set in shard_sets for url in expand_urls(shard_set.urls)]
     return [url for url in urls if (path := local_path(url)) is not None and not path.is_file()]
 
 
+def build_from_spec(build: TextBuildSpec | ImageBuildSpec) -> None:
+    if isinstance(build, TextBuildSpec):
+        build_text_shards(Path(build.out), build.source, build.train_shards, build.val_fraction)
+        return
+    # Imported here: the image builder is written on top of this module's shard-set writer.
+    from ember.data.build_images import build_image_shards
+
+    build_image_shards(Path(build.out), build.source, build.shard_size, build.image_size, build.val_fraction)
+
+
 def ensure_shards(data_spec: DataSpec) -> None:
     """Build missing shards when the spec says how; then raise once, listing every shard still missing."""
-    build = data_spec.build
-    if build is not None and missing_local_shards(data_spec):
-        build_text_shards(Path(build.out), build.source, build.train_shards, build.val_fraction)
+    if data_spec.build is not None and missing_local_shards(data_spec):
+        build_from_spec(data_spec.build)
     missing = missing_local_shards(data_spec)
     if missing:
         listing = "\n  ".join(missing)
         raise UserError(
             f"{len(missing)} shard file(s) missing:\n  {listing}\n"
-            "Build them with `ember data build text --source stdlib --out DIR` (or add a data.build section "
-            "so `ember run` builds them), or fix data.train.urls / data.val.urls."
+            "Build them with `ember data build text --source stdlib --out DIR` or `ember data build images "
+            "--source digits --out DIR` (or add a data.build section so `ember run` builds them), or fix "
+            "data.train.urls / data.sources / data.val.urls."
         )

@@ -1,8 +1,10 @@
 """Where each slot of a shard stream is, and the pure arithmetic that decides which shards a slot reads.
 
 A stream has `num_slots` canonical slots, whatever the world size. In epoch e, slot s reads the shards
-`order[s::num_slots]` of a seeded permutation `order`; a rank reads the slots `s % world_size == rank`.
-Because the sample order depends only on (shards, seed, num_slots), a cursor survives a new world size.
+`order[s::num_slots]` of a seeded permutation `order`; a rank reads the slots `s % world_size == rank`, and
+its DataLoader worker w of W the rank's slots `[w::W]`. Because the sample order within a slot depends only
+on (shards, seed, num_slots), a cursor survives a new world size or worker count. When several sources are
+mixed, row n of slot s comes from the source `mix_choice(seed, s, n, weights)` picks.
 """
 
 from __future__ import annotations
@@ -55,36 +57,71 @@ def rank_slots(num_shards: int, num_slots: int, rank: int, world_size: int) -> l
     return owned
 
 
-def pointer_key(rank: int, world_size: int) -> str:
-    """Key of a rank's round-robin pointer; it includes the world size because it is only valid there."""
-    return f"{world_size}:{rank}"
+def pointer_key(rank: int, world_size: int, worker: int = 0, num_workers: int = 0) -> str:
+    """Key of a round-robin pointer over slots (a rank's, or one of its workers'); it names the world size
+    and worker count because it is only valid there."""
+    base = f"{world_size}:{rank}"
+    return base if num_workers == 0 else f"{base}:{worker}/{num_workers}"
+
+
+def next_worker_key(rank: int, world_size: int, num_workers: int) -> str:
+    """Key of the rank's pointer to the DataLoader worker whose batch comes next."""
+    return f"{world_size}:{rank}:next/{num_workers}"
+
+
+def worker_slots(slots: list[int], worker: int, num_workers: int) -> list[int]:
+    """The part of a rank's slots that one of its DataLoader workers reads."""
+    if num_workers < 1:
+        return slots
+    if len(slots) < num_workers:
+        raise UserError(
+            f"data.num_workers={num_workers} but this rank has only {len(slots)} slot(s) with data; use at most "
+            f"{len(slots)} workers, or raise data.num_slots (with enough shards) to num_workers x world size"
+        )
+    return slots[worker::num_workers]
+
+
+def mix_choice(seed: int, slot: int, row: int, weights: tuple[float, ...]) -> int:
+    """Which source row `row` of `slot` comes from: a weighted pick seeded by (seed, slot, row) alone, so it
+    is the same on any world size and after any resume. Zero weights are never picked."""
+    digest = hashlib.sha256(f"ember-mix:{seed}:{slot}:{row}".encode()).digest()
+    point = int.from_bytes(digest[:8], "big") / 2**64 * sum(weights)
+    for index, weight in enumerate(weights):
+        if point < weight:
+            return index
+        point -= weight
+    return max(i for i, weight in enumerate(weights) if weight > 0)  # float round-off at the top end
 
 
 @dataclass
 class SlotCursor:
     """Position of the next row of one slot: the epoch, the shard within the slot's list, the sample
-    within that shard, and the token offset within that sample (its separator counts)."""
+    within that shard, the token offset within that sample (its separator counts), and where that sample
+    starts in the tar (0 when unknown), so a resume can seek there instead of reading up to it."""
 
     epoch: int = 0
     shard_pos: int = 0
     sample_index: int = 0
     byte_offset: int = 0
+    tar_offset: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> SlotCursor:
-        return cls(**{name: int(raw[name]) for name in ("epoch", "shard_pos", "sample_index", "byte_offset")})
+        fields = {name: int(raw[name]) for name in ("epoch", "shard_pos", "sample_index", "byte_offset")}
+        return cls(**fields, tar_offset=int(raw.get("tar_offset", 0)))  # cursors saved before offsets: 0
 
-    def next_sample(self, index: int) -> None:
+    def next_sample(self, index: int, tar_offset: int = 0) -> None:
         """Move to sample `index` of the current shard (later ones may have been skipped)."""
         if index != self.sample_index:
             self.sample_index, self.byte_offset = index, 0
+        self.tar_offset = tar_offset
 
     def next_shard(self, shards_per_slot: int) -> None:
         """Move to the start of the slot's next shard, wrapping into the next epoch."""
-        self.shard_pos, self.sample_index, self.byte_offset = self.shard_pos + 1, 0, 0
+        self.shard_pos, self.sample_index, self.byte_offset, self.tar_offset = self.shard_pos + 1, 0, 0, 0
         if self.shard_pos >= shards_per_slot:
             self.epoch, self.shard_pos = self.epoch + 1, 0
 
@@ -93,10 +130,10 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     """Merge the `state()` of every rank into one cursor (what the trainer saves after all_gather)."""
     if not states:
         raise InternalError("merge_states needs at least one state")
-    identity = {key: states[0][key] for key in ("seed", "num_slots", "num_shards")}
+    identity = {key: value for key, value in states[0].items() if key not in ("slots", "next_slot")}
     merged: dict[str, Any] = {**identity, "slots": {}, "next_slot": {}}
     for state in states:
-        if any(state[key] != value for key, value in identity.items()):
+        if any(state.get(key) != value for key, value in identity.items()):
             raise InternalError(f"ranks disagree on the stream identity: {identity} vs {state}")
         for slot, cursor in state["slots"].items():
             if merged["slots"].setdefault(slot, cursor) != cursor:

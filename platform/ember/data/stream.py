@@ -1,288 +1,253 @@
-"""ShardStream: one rank's endless stream of packed token batches read from WebDataset shards.
+"""ShardStream: one rank's (or one DataLoader worker's) endless stream of batches read from WebDataset shards.
 
-Each canonical slot (see cursor.py) is an independent stream of documents; a document is its bytes plus a
-0 separator, and documents are packed back to back into rows of `seq_len + 1` tokens. The rank takes rows
-from its slots in turn. `state()` records where each slot's next row starts, so `load_state()` reopens only
-the current shard of each slot and passes over the samples before the cursor without reading their data.
+Each canonical slot (see cursor.py) is an independent sequence of samples; the stream takes rows from its
+slots in turn and a `RowFormat` (formats.py) turns them into a batch. `state()` records where each slot's
+next row starts (down to the sample's byte offset in its tar), so `load_state()` reopens only the current
+shard of each slot and seeks to the sample (or, on a stream that cannot seek, passes over the samples
+before it without reading their data): resume costs about the same at 1% or 99% of an epoch.
+
+Guarantee on a new world size (elastic resume): each slot reads, in its epoch e, the shards
+`order(seed, e)[slot::num_slots]` in tar order, and its cursor moves only when a row is taken from it. A
+resume on any number of ranks or DataLoader workers continues every slot from its saved cursor, so within
+each slot's epoch every sample of its shards is delivered exactly once (skipped ones under on_error=skip
+excepted), and since the slots' shards partition the shard list, every sample key is seen exactly once
+over one epoch of every slot. Epochs are per slot: a slot with fewer samples may start its next epoch
+while others finish theirs. Packed text may split a document over rows; its bytes are still delivered once.
+Which rows form a batch does depend on the world size and worker count; what each slot yields does not.
 """
 
 from __future__ import annotations
 
-import tarfile
-from collections.abc import Callable, Iterator
+import logging
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
-import fsspec
 import numpy as np
-import torch
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from ember.data.build import expand_urls
 from ember.data.cursor import (
     SlotCursor,
     merge_states,
+    mix_choice,
     pointer_key,
     rank_slots,
-    slot_shards,
+    slot_is_empty,
+    worker_slots,
 )
+from ember.data.formats import RowFormat, TextRows, UndecodableSample, collate, decode_text
+from ember.data.reader import ON_ERROR, Decoder, Opener, ShardSource, SlotReader, open_url
 from ember.errors import InternalError, UserError
 
-__all__ = ["ShardStream", "UndecodableSample", "decode_text", "merge_states", "open_url"]
+log = logging.getLogger(__name__)
 
-Opener = Callable[[str], BinaryIO]
-Decoder = Callable[[dict[str, bytes]], np.ndarray]
-Sample = tuple[int, str, dict[str, bytes]]
-ON_ERROR = ("raise", "skip")
-SEPARATOR = 0
-# What a damaged shard raises while being read: tarfile's own errors, a short read, an I/O failure.
-SHARD_ERRORS = (tarfile.TarError, EOFError, OSError)
-
-
-class UndecodableSample(ValueError):
-    """A decoder cannot turn this sample into tokens."""
-
-
-def open_url(url: str) -> BinaryIO:
-    """Open a shard for reading: a local path, file://, http(s)://, or any other fsspec URL."""
-    return fsspec.open(url, "rb").open()
-
-
-def decode_text(sample: dict[str, bytes]) -> np.ndarray:
-    """A text sample's bytes as tokens 0..255, ended by the document separator."""
-    data = sample.get("txt")
-    if data is None:
-        raise UndecodableSample(f"no .txt member (has {sorted(sample)})")
-    tokens = np.empty(len(data) + 1, dtype=np.uint8)
-    tokens[:-1] = np.frombuffer(data, dtype=np.uint8)
-    tokens[-1] = SEPARATOR
-    return tokens
-
-
-class SampleCounter:
-    """`select_files` predicate for webdataset's tar iterator: numbers samples by key as members go by, and
-    selects only those from `start` on, so earlier samples are passed over without reading their data."""
-
-    def __init__(self, start: int) -> None:
-        self.start, self.index, self.key = start, -1, ""
-
-    def __call__(self, member: str) -> bool:
-        key, _ = base_plus_ext(member)
-        if key is None:
-            return False
-        if key != self.key:
-            self.key, self.index = key, self.index + 1
-        return self.index >= self.start
-
-
-def iter_shard_samples(stream: BinaryIO, counter: SampleCounter) -> Iterator[Sample]:
-    """(index, key, {suffix: bytes}) for each sample of a tar from `counter.start` on."""
-    current: Sample | None = None
-    for member in tar_file_iterator(stream, select_files=counter):
-        if current is None or current[0] != counter.index:
-            if current is not None:
-                yield current
-            current = (counter.index, counter.key, {})
-        current[2][base_plus_ext(member["fname"])[1].lower()] = member["data"]
-    if current is not None:
-        yield current
+__all__ = [
+    "ShardStream",
+    "UndecodableSample",
+    "WeightedUrls",
+    "decode_text",
+    "merge_states",
+    "open_url",
+]
 
 
 @dataclass(frozen=True)
-class ShardSource:
-    """What every slot reader shares: the shard list, the order's parameters, and how to read."""
+class WeightedUrls:
+    """One source of a mixture: its shard URLs and its share of the rows."""
 
-    urls: tuple[str, ...]
-    num_slots: int
-    seed: int
-    opener: Opener
-    decode: Decoder
-    on_error: str
-
-    def shards_per_slot(self, slot: int) -> int:
-        return len(range(slot, len(self.urls), self.num_slots))
-
-    def shard_url(self, slot: int, cursor: SlotCursor) -> str:
-        order = slot_shards(len(self.urls), self.num_slots, self.seed, cursor.epoch, slot)
-        return self.urls[order[cursor.shard_pos]]
+    urls: str | list[str]
+    weight: float = 1.0
 
 
-class SlotReader:
-    """One slot's endless token stream; `cursor` always points at the next token it will hand out."""
+class SlotRows:
+    """One canonical slot's rows. With one source they are that source's; with several, row n of the slot
+    comes from the source `mix_choice` picks (a source without a shard in this slot gets weight 0)."""
 
-    def __init__(self, source: ShardSource, slot: int, cursor: SlotCursor) -> None:
-        self.source, self.slot = source, slot
-        self.skipped = 0
-        self._url = ""
-        self._file: BinaryIO | None = None
-        self._samples: Iterator[Sample] | None = None
-        self._counter = SampleCounter(0)
-        self.reset(cursor)
+    def __init__(self, sources: list[ShardSource], weights: tuple[float, ...], slot: int, seed: int) -> None:
+        self.slot, self.seed, self.row = slot, seed, 0
+        self.readers = [
+            None if slot_is_empty(len(source.urls), source.num_slots, slot) else SlotReader(source, slot)
+            for source in sources
+        ]
+        self.weights = tuple(weight if reader else 0.0 for weight, reader in zip(weights, self.readers, strict=True))
 
-    def reset(self, cursor: SlotCursor) -> None:
-        self.close()
-        self.cursor = cursor
-        self._tokens: np.ndarray | None = None
+    @property
+    def skipped(self) -> int:
+        return sum(reader.skipped for reader in self.readers if reader)
 
-    def take(self, count: int) -> np.ndarray:
-        """The next `count` tokens, crossing documents, shards and epochs as needed."""
-        pieces = []
-        while count > 0:
-            tokens = self._current_tokens()
-            start = self.cursor.byte_offset
-            piece = tokens[start : start + count]
-            pieces.append(piece)
-            count -= len(piece)
-            self.cursor.byte_offset += len(piece)
-            if self.cursor.byte_offset == len(tokens):
-                self._tokens = None
-                self.cursor.next_sample(self.cursor.sample_index + 1)
-        self._current_tokens()  # so a saved cursor names a real sample, never the end of a shard
-        return np.concatenate(pieces)
+    def next_row(self, rows: RowFormat) -> Any:
+        reader = self._reader_for(self.row)
+        self.row += 1
+        return reader.take(rows.row_length) if rows.packs else reader.take_sample()
 
-    def _current_tokens(self) -> np.ndarray:
-        shard_ends = 0
-        while self._tokens is None:
-            if self._samples is None:
-                self._open_shard()
-            item = self._next_sample()
-            if item is not None:
-                index, key, sample = item
-                self.cursor.next_sample(index)
-                self._tokens = self._decode(key, sample)
-                continue
-            self.close()
-            self.cursor.next_shard(self.source.shards_per_slot(self.slot))
-            shard_ends += 1
-            if shard_ends > self.source.shards_per_slot(self.slot):
-                raise UserError(f"slot {self.slot} read a whole epoch of shards without one usable sample")
-        return self._tokens
+    def next_packed_rows(self, count: int, length: int) -> np.ndarray:
+        """`count` consecutive packed rows in one read: the same tokens as `count` calls of next_row (one
+        source only: with several, consecutive rows may come from different sources)."""
+        self.row += count
+        return self.readers[0].take(count * length).reshape(count, length)
 
-    def _open_shard(self) -> None:
-        self._url = self.source.shard_url(self.slot, self.cursor)
-        self._counter = SampleCounter(self.cursor.sample_index)
-        try:
-            self._file = self.source.opener(self._url)
-        except SHARD_ERRORS as exc:
-            self._fail("cannot open the shard", exc)
-            self._samples = iter(())
+    def _reader_for(self, row: int) -> SlotReader:
+        if len(self.readers) == 1:
+            return self.readers[0]
+        return self.readers[mix_choice(self.seed, self.slot, row, self.weights)]
+
+    def state(self) -> dict[str, Any]:
+        if len(self.readers) == 1:
+            return self.readers[0].cursor.to_dict()
+        cursors = [reader.cursor.to_dict() if reader else None for reader in self.readers]
+        return {"row": self.row, "sources": cursors}
+
+    def load(self, raw: dict[str, Any]) -> None:
+        if len(self.readers) == 1:
+            self.readers[0].reset(SlotCursor.from_dict(raw))
             return
-        self._samples = iter_shard_samples(self._file, self._counter)
-
-    def _next_sample(self) -> Sample | None:
-        try:
-            return next(self._samples, None)
-        except SHARD_ERRORS as exc:
-            self._fail(f"corrupt or truncated shard at sample {self._counter.key!r}", exc)
-            return None  # skip the rest of this shard
-
-    def _decode(self, key: str, sample: dict[str, bytes]) -> np.ndarray | None:
-        try:
-            return self.source.decode(sample)
-        except UndecodableSample as exc:
-            self._fail(f"cannot decode sample {key!r}", exc)
-            return None
-
-    def _fail(self, what: str, exc: BaseException) -> None:
-        if self.source.on_error == "raise":
-            reason = str(exc).split(" @ <")[0]  # webdataset appends the file object's repr; the URL says more
-            raise UserError(
-                f"{self._url}: {what} ({reason}). Rebuild or remove the shard, or set data.on_error=skip."
-            ) from exc
-        self.skipped += 1
+        self.row = int(raw["row"])
+        for reader, cursor in zip(self.readers, raw["sources"], strict=True):
+            if reader:
+                reader.reset(SlotCursor.from_dict(cursor))
 
     def close(self) -> None:
-        if self._samples is not None and hasattr(self._samples, "close"):
-            self._samples.close()
-        if self._file is not None:
-            self._file.close()
-        self._samples, self._file = None, None
+        for reader in self.readers:
+            if reader:
+                reader.close()
 
 
 class ShardStream:
-    """A rank's batches: `torch.long` tensors of shape [micro_batch, seq_len + 1], rows taken in turn from the
-    rank's slots. Iterating never ends; `state()` / `load_state()` resume it exactly."""
+    """A rank's batches, rows taken in turn from its slots; iterating never ends and `state()` /
+    `load_state()` resume it exactly. Text (the default, `seq_len` given): `torch.long` [micro_batch,
+    seq_len + 1]; other decodes: whatever their `RowFormat.to_batch` builds. `urls` is one shard list, or
+    several `WeightedUrls` to mix. `worker`/`num_workers`: read only that DataLoader worker's part."""
 
     def __init__(
         self,
-        urls: str | list[str],
+        urls: str | list[str] | Sequence[WeightedUrls],
         *,
-        seq_len: int,
         micro_batch: int,
         rank: int,
         world_size: int,
+        seq_len: int | None = None,
+        rows: RowFormat | None = None,
         num_slots: int = 8,
         seed: int = 0,
         on_error: str = "raise",
         opener: Opener = open_url,
-        decode: Decoder = decode_text,
+        decode: Decoder | None = None,
+        worker: int = 0,
+        num_workers: int = 0,
     ) -> None:
         if on_error not in ON_ERROR:
             raise UserError(f"data.on_error must be one of {ON_ERROR}, not {on_error!r}")
-        if seq_len < 1 or micro_batch < 1:
+        self.rows = rows or TextRows(seq_len or 0, decode or decode_text)
+        if micro_batch < 1 or (self.rows.packs and self.rows.row_length < 2):
             raise InternalError(f"seq_len ({seq_len}) and micro_batch ({micro_batch}) must be positive")
-        self.source = ShardSource(tuple(expand_urls(urls)), num_slots, seed, opener, decode, on_error)
-        self.seq_len, self.micro_batch, self.rank, self.world_size = seq_len, micro_batch, rank, world_size
-        self.slots = rank_slots(len(self.source.urls), num_slots, rank, world_size)
-        self._readers = {slot: SlotReader(self.source, slot, SlotCursor()) for slot in self.slots}
+        weighted = as_weighted(urls)
+        self.sources = [
+            ShardSource(tuple(expand_urls(w.urls)), num_slots, seed, opener, self.rows.decode, on_error)
+            for w in weighted
+        ]
+        self.weights = tuple(float(w.weight) for w in weighted)
+        self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
+        self.worker, self.num_workers = worker, num_workers
+        most_shards = max(len(source.urls) for source in self.sources)
+        warn_about_thin_sources(self.sources, min(most_shards, num_slots))
+        self.slots = worker_slots(rank_slots(most_shards, num_slots, rank, world_size), worker, num_workers)
+        self._slot_rows = {slot: SlotRows(self.sources, self.weights, slot, seed) for slot in self.slots}
         self._next_slot = 0
 
     @property
     def skipped(self) -> int:
         """Samples or shard remainders passed over under on_error=skip."""
-        return sum(reader.skipped for reader in self._readers.values())
+        return sum(slot.skipped for slot in self._slot_rows.values())
 
     def __iter__(self) -> ShardStream:
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> Any:
         return self.next_batch()
 
-    def next_batch(self) -> torch.Tensor:
-        rows = [self._next_row() for _ in range(self.micro_batch)]
-        return torch.from_numpy(np.stack(rows)).long()
+    def next_batch(self) -> Any:
+        return collate(self.rows, self.next_rows())
 
-    def _next_row(self) -> np.ndarray:
-        reader = self._readers[self.slots[self._next_slot]]
-        self._next_slot = (self._next_slot + 1) % len(self.slots)
-        return reader.take(self.seq_len + 1)
+    def next_rows(self) -> list[Any]:
+        """The next batch's rows before collation (what DataLoader workers send: compact, no tensors)."""
+        turns = [self.slots[(self._next_slot + i) % len(self.slots)] for i in range(self.micro_batch)]
+        self._next_slot = (self._next_slot + self.micro_batch) % len(self.slots)
+        if self.rows.packs and len(self.sources) == 1:
+            return self._packed_rows(turns)
+        return [self._slot_rows[slot].next_row(self.rows) for slot in turns]
+
+    def _packed_rows(self, turns: list[int]) -> list[np.ndarray]:
+        """Each slot's rows of the batch taken in one read, then dealt back in turn order (a slot's rows are
+        consecutive in its stream, so the rows are the same; the per-row Python work is not)."""
+        runs = {
+            slot: iter(self._slot_rows[slot].next_packed_rows(count, self.rows.row_length))
+            for slot, count in Counter(turns).items()
+        }
+        return [next(runs[slot]) for slot in turns]
+
+    @property
+    def pointer_key(self) -> str:
+        return pointer_key(self.rank, self.world_size, self.worker, self.num_workers)
 
     def state(self) -> dict[str, Any]:
-        """This rank's cursor, JSON-serialisable; merge all ranks' with `merge_states` before saving."""
+        """This stream's cursor, JSON-serialisable; merge all ranks' with `merge_states` before saving."""
         return {
             **self._identity(),
-            "slots": {str(slot): reader.cursor.to_dict() for slot, reader in self._readers.items()},
-            "next_slot": {pointer_key(self.rank, self.world_size): self._next_slot},
+            "slots": {str(slot): rows.state() for slot, rows in self._slot_rows.items()},
+            "next_slot": {self.pointer_key: self._next_slot},
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        """Resume from a merged state; this rank takes its own slots from it, whatever world size wrote it."""
+        """Resume from a merged state; this stream takes its own slots from it, whatever world size wrote it."""
         self._check_identity(state)
-        for slot, reader in self._readers.items():
+        for slot, rows in self._slot_rows.items():
             if str(slot) not in state["slots"]:
-                raise InternalError(
-                    f"the saved data cursor lacks slot {slot}; were all ranks' states merged?"
-                )
-            reader.reset(SlotCursor.from_dict(state["slots"][str(slot)]))
+                raise InternalError(f"the saved data cursor lacks slot {slot}; were all ranks' states merged?")
+            rows.load(state["slots"][str(slot)])
         # The turn pointer only means something in the world size that saved it; elsewhere start at 0.
-        pointer = int(state.get("next_slot", {}).get(pointer_key(self.rank, self.world_size), 0))
-        self._next_slot = pointer % len(self.slots)
+        self._next_slot = int(state.get("next_slot", {}).get(self.pointer_key, 0)) % len(self.slots)
 
-    def _identity(self) -> dict[str, int]:
-        return {
-            "seed": self.source.seed,
-            "num_slots": self.source.num_slots,
-            "num_shards": len(self.source.urls),
-        }
+    def _identity(self) -> dict[str, Any]:
+        if len(self.sources) == 1:
+            num_shards: int | list[int] = len(self.sources[0].urls)
+            extra = {}
+        else:
+            num_shards = [len(source.urls) for source in self.sources]
+            extra = {"weights": list(self.weights)}
+        return {"seed": self.sources[0].seed, "num_slots": self.sources[0].num_slots, "num_shards": num_shards, **extra}
 
     def _check_identity(self, state: dict[str, Any]) -> None:
         for key, value in self._identity().items():
             if state.get(key) != value:
                 raise UserError(
-                    f"the saved data cursor has {key}={state.get(key)} but this run has {value}; "
-                    "resume with the same data.seed, data.num_slots and shard list, or start a new run."
+                    f"the saved data cursor has {key}={state.get(key)} but this run has {value}; resume with the "
+                    "same data.seed, data.num_slots, shard lists and weights, or start a new run."
                 )
 
     def close(self) -> None:
-        for reader in self._readers.values():
-            reader.close()
+        for rows in self._slot_rows.values():
+            rows.close()
+
+
+def warn_about_thin_sources(sources: list[ShardSource], filled_slots: int) -> None:
+    """A source with fewer shards than the filled slots is absent from some slots, where the other sources
+    share its rows: the mixture's weights then hold only approximately."""
+    for number, source in enumerate(sources if len(sources) > 1 else []):
+        if len(source.urls) < filled_slots:
+            log.warning(
+                "data.sources[%d] has %d shard(s) for %d slots: its weight holds only approximately; give it "
+                "at least data.num_slots shards",
+                number,
+                len(source.urls),
+                filled_slots,
+            )
+
+
+def as_weighted(urls: str | list[str] | Sequence[WeightedUrls]) -> list[WeightedUrls]:
+    """One shard list as a single source of weight 1; a mixture as given, after checking its weights."""
+    if isinstance(urls, str) or not urls or not isinstance(urls[0], WeightedUrls):
+        return [WeightedUrls(urls)]
+    if any(w.weight < 0 for w in urls) or not any(w.weight > 0 for w in urls):
+        raise UserError(f"data.sources weights must be >= 0 with at least one > 0, got {[w.weight for w in urls]}")
+    return list(urls)

@@ -1,10 +1,11 @@
-"""Data section: where the WebDataset shards are, how to build them if missing, and the stream's seed."""
+"""Data section: where the WebDataset shards are (one list, or weighted sources), how to build them if missing,
+how samples are decoded, and the stream's seed, slots and DataLoader workers."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from ember.spec.base import Section
 
@@ -15,6 +16,10 @@ class ShardSet(Section):
     )
 
 
+class SourceSpec(ShardSet):
+    weight: float = Field(1.0, gt=0, description="Share of the training rows drawn from this source.")
+
+
 class TextBuildSpec(Section):
     kind: Literal["text"] = Field("text", description="Build byte-level text shards.")
     source: Literal["stdlib"] = Field("stdlib", description="Corpus: the Python standard library's own source.")
@@ -23,14 +28,72 @@ class TextBuildSpec(Section):
     val_fraction: float = Field(0.05, gt=0, lt=1, description="Fraction of files held out for validation.")
 
 
+class ImageBuildSpec(Section):
+    kind: Literal["images"] = Field(description="Build PNG image shards.")
+    source: Literal["digits", "sample-images"] = Field(
+        description="digits: scikit-learn's 8x8 digits with labels; sample-images: patches of its two photos."
+    )
+    out: str = Field(description="Folder to write the shards into (relative to the spec file).")
+    shard_size: int = Field(256, ge=1, description="Samples per training shard.")
+    image_size: Literal[8, 16, 32] = Field(8, description="Side of the square images, in pixels.")
+    val_fraction: float = Field(
+        0.165, gt=0, lt=1, description="Fraction held out for validation (0.165: 297 of the 1797 digits)."
+    )
+
+
+def _build_kind(raw: Any) -> str:
+    """`kind` picks the build; a section without one builds text, as before images existed."""
+    kind = raw.get("kind", "text") if isinstance(raw, dict) else getattr(raw, "kind", "text")
+    return kind if isinstance(kind, str) else "text"  # a malformed kind then fails as text's own field
+
+
+BuildSpec = Annotated[
+    Annotated[TextBuildSpec, Tag("text")] | Annotated[ImageBuildSpec, Tag("images")],
+    Discriminator(_build_kind),
+]
+
+
+class ImageTokensSpec(Section):
+    levels: int = Field(17, ge=2, le=256, description="Grey levels an image is quantised to (digits have 17).")
+    num_classes: int = Field(10, ge=1, description="Class tokens after the grey levels; one more means 'no class'.")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.levels + self.num_classes + 1
+
+
 class DataSpec(Section):
-    train: ShardSet = Field(description="Training shards.")
+    train: ShardSet | None = Field(None, description="Training shards (or give `sources` instead).")
+    sources: list[SourceSpec] | None = Field(
+        None, min_length=1, description="Training shards mixed from several sources by weight (instead of `train`)."
+    )
     val: ShardSet | None = Field(None, description="Held-out shards for evaluation.")
-    build: TextBuildSpec | None = Field(None, description="How `ember run` builds the shards when they are missing.")
-    seed: int = Field(0, description="Seed of the shard order (per epoch).")
+    build: BuildSpec | None = Field(None, description="How `ember run` builds the shards when they are missing.")
+    decode: Literal["text", "image", "image_tokens"] = Field(
+        "text",
+        description="text: packed byte tokens; image: float images in [-1, 1] and labels; "
+        "image_tokens: a class token then one token per grey level (a GPT over images).",
+    )
+    image_tokens: ImageTokensSpec = Field(
+        default_factory=ImageTokensSpec, description="Palette and classes of the image_tokens decode."
+    )
+    seed: int = Field(0, description="Seed of the shard order (per epoch) and of the mixing of sources.")
     num_slots: int = Field(
         8, ge=1, description="Canonical stream slots; the order of samples depends on these, not on the world size."
+    )
+    num_workers: int = Field(
+        0, ge=0, description="DataLoader worker processes per rank; each reads a fixed part of the rank's slots."
     )
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="A corrupt shard or sample: stop, or count and skip."
     )
+
+    @model_validator(mode="after")
+    def _one_training_set(self) -> DataSpec:
+        if (self.train is None) == (self.sources is None):
+            raise ValueError("give exactly one of data.train (one shard list) and data.sources (weighted lists)")
+        return self
+
+    def train_sets(self) -> list[SourceSpec]:
+        """The training shard lists with their weights (one of weight 1 for `train`)."""
+        return self.sources if self.sources is not None else [SourceSpec(urls=self.train.urls)]

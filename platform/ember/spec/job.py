@@ -119,11 +119,15 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
+# Discriminated unions put the chosen tag into error locations; users think in field paths.
+UNION_TAGS = ("deepspeed", "ddp", "fsdp", "fairscale", "gpt", "text", "images")
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid job spec ({err.error_count()} problem{'s' * (err.error_count() > 1)}):"]
     for item in err.errors():
         # Drop the union tag pydantic inserts (engine.deepspeed.zero_stage -> engine.zero_stage).
-        loc = [str(part) for part in item["loc"] if part not in ("deepspeed", "ddp", "fsdp", "fairscale", "gpt")]
+        loc = [str(part) for part in item["loc"] if part not in UNION_TAGS]
         field = ".".join(loc)
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":

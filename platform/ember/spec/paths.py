@@ -21,8 +21,8 @@ def resolve_input_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     data = result.get("data")
     if not isinstance(data, dict):
         return result
-    for split in ("train", "val"):
-        shard_set = data.get(split)
+    sources = data.get("sources") if isinstance(data.get("sources"), list) else []
+    for shard_set in [data.get("train"), data.get("val"), *sources]:
         if isinstance(shard_set, dict):
             urls = shard_set.get("urls")
             if isinstance(urls, str):

@@ -14,8 +14,8 @@ import torch.distributed as dist
 from ember.checkpoint.fence import start_attempt
 from ember.checkpoint.manager import CheckpointManager, Retention, read_state
 from ember.checkpoint.placement import expert_placement, gather_hosts
-from ember.data.build import expand_urls
-from ember.data.stream import ShardStream, merge_states
+from ember.data.cursor import merge_states
+from ember.data.loader import build_stream
 from ember.engines import build_engine
 from ember.errors import UserError
 from ember.models import build_model
@@ -52,27 +52,15 @@ class Trainer:
         seed_everything(spec.schedule.seed)
         self.model = build_model(spec.model, ep_rank=world.ep_rank, seed=spec.schedule.seed).to(world.device)
         self.engine = build_engine(spec, self.model, world)
-        self.train_stream = self._stream(spec.data.train.urls)
+        self.train_stream = build_stream(spec.data, spec.model, spec.schedule.micro_batch, world.rank, world.world_size)
         self.batches = iter(self.train_stream)
         self.preemption = PreemptionWatch(run_dir, world)
         self.preemption.clear_stale_request()
         self.checkpoints = self._checkpoint_manager(spec, world, run_dir)
         self.tensorboard = TensorBoardLogger(run_dir / "tensorboard", spec.logging.tensorboard and world.is_main)
         self.step = 0
+        self.skipped_samples = 0
         self.metrics: dict[str, Any] = {}
-
-    def _stream(self, urls: str | list[str], split_over_ranks: bool = True) -> ShardStream:
-        rank, world_size = (self.world.rank, self.world.world_size) if split_over_ranks else (0, 1)
-        return ShardStream(
-            expand_urls(urls),
-            seq_len=self.spec.model.seq_len,
-            micro_batch=self.spec.schedule.micro_batch,
-            rank=rank,
-            world_size=world_size,
-            num_slots=self.spec.data.num_slots,
-            seed=self.spec.data.seed,
-            on_error=self.spec.data.on_error,
-        )
 
     def _checkpoint_manager(self, spec: JobSpec, world: World, run_dir: Path) -> CheckpointManager:
         attempt = [start_attempt(run_dir) if world.is_main else None]
@@ -105,6 +93,7 @@ class Trainer:
                 self.tensorboard.scalars(self.step, {"tokens_per_s": stats["tokens_per_s"]}, prefix="train/")
                 self.reporter.emit("log", step=self.step, total=total, **stats)
                 self.metrics.update(loss=stats["loss"], tokens_per_s=stats["tokens_per_s"])
+                self.log_skipped_samples()
                 window_start, window_steps = time.perf_counter(), 0
             self.maybe_log_histograms()
             if self.step % self.spec.schedule.eval_every == 0 or self.step == total:
@@ -156,7 +145,7 @@ class Trainer:
             return
         # Every rank reads the same held-out rows: a val set is small (often one shard) and MoE ranks
         # must run their forward passes in lockstep anyway.
-        batches = iter(self._stream(self.spec.data.val.urls, split_over_ranks=False))
+        batches = build_stream(self.spec.data, self.spec.model, self.spec.schedule.micro_batch, 0, 1, split="val")
         self.engine.module.eval()
         total = torch.zeros(1, dtype=torch.float64, device=self.world.device)
         for _ in range(self.spec.schedule.eval_batches):
@@ -168,6 +157,14 @@ class Trainer:
         self.tensorboard.scalars(self.step, {"loss": val_loss}, prefix="val/")
         self.reporter.emit("eval", step=self.step, val_loss=val_loss)
         self.metrics["val_loss"] = val_loss
+
+    def log_skipped_samples(self) -> None:
+        """data/skipped: samples all ranks passed over under data.on_error=skip, logged when it changes."""
+        count = self.all_reduce_mean(torch.tensor([float(self.train_stream.skipped)], dtype=torch.float64))
+        total = round(count.item() * self.world.world_size)
+        if total != self.skipped_samples:
+            self.skipped_samples = total
+            self.tensorboard.scalars(self.step, {"skipped": total}, prefix="data/")
 
     def maybe_log_histograms(self) -> None:
         every = self.spec.logging.histograms_every

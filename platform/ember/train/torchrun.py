@@ -29,7 +29,10 @@ def main(argv: list[str] | None = None) -> None:
             spec = spec.model_copy(update={"cluster": spec.cluster.model_copy(update={"num_workers": world_size})})
         missing = missing_local_shards(spec.data)
         if missing:  # no rank builds here: ranks would race; `ember run` or `ember data build` builds
-            raise UserError(f"missing shards: {', '.join(missing[:5])}; build them with `ember data build text`")
+            raise UserError(
+                f"missing shards: {', '.join(missing[:5])}; build them first (`ember data build text|images ...`, "
+                "or one `ember run` of the spec, which builds what data.build describes)"
+            )
         if int(os.environ.get("RANK", "0")) == 0:
             prepare_run_dir(spec)
         metrics = train_worker({"spec": spec.model_dump(mode="json"), "run_dir": str(spec.output_dir)})
