@@ -5,6 +5,9 @@ set -euo pipefail
 state=/tmp/ember-slurm-ci
 case "${1:-start}" in
   start)
+    if command -v sinfo >/dev/null && sinfo -h -o %T 2>/dev/null | grep -qE "idle|mixed|alloc"; then
+      exit 0  # already up (a reused machine)
+    fi
     if ! command -v slurmctld >/dev/null; then
       apt-get update -qq >/dev/null
       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null
