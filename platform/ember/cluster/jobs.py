@@ -70,15 +70,20 @@ def submit(spec_path: Path, overrides: list[str], address: str | None, recorded:
     return job_id, target
 
 
-def submit_with_retry(client, timeout_s: float = 180.0, **job) -> str:
+def submit_with_retry(client, timeout_s: float = 300.0, **job) -> str:
     """A head that just started has no job agent yet and says so with a 500; that one is worth waiting out."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             return client.submit_job(**job)
         except RuntimeError as err:
-            if "No available agent" not in str(err) or time.monotonic() > deadline:
-                raise
+            if "No available agent" not in str(err):
+                raise UserError(f"the cluster refused the job: {err}") from None
+            if time.monotonic() > deadline:
+                raise UserError(
+                    f"the cluster's job agent did not come up within {timeout_s:.0f} s; check the head with "
+                    "`ray status` and its dashboard_agent.log, then submit again"
+                ) from None
             time.sleep(1.0)
 
 
