@@ -60,6 +60,8 @@ def build_stream(
         "seed": data.seed,
         "on_error": data.on_error,
     }
+    if split == "train":
+        options["shuffle_buffer"] = data.shuffle_buffer
     if split == "val":
         if data.val is None:
             raise InternalError("build_stream(split='val') without data.val")

@@ -18,7 +18,9 @@ Which rows form a batch does depend on the world size and worker count; what eac
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,28 +64,56 @@ class WeightedUrls:
 
 class SlotRows:
     """One canonical slot's rows. With one source they are that source's; with several, row n of the slot
-    comes from the source `mix_choice` picks (a source without a shard in this slot gets weight 0)."""
+    comes from the source `mix_choice` picks (a source without a shard in this slot gets weight 0).
 
-    def __init__(self, sources: list[ShardSource], weights: tuple[float, ...], slot: int, seed: int) -> None:
-        self.slot, self.seed, self.row = slot, seed, 0
+    With a shuffle buffer of B rows the slot reads B rows at a time and yields them in an order seeded by
+    (seed, slot, window number). webdataset's `shuffle(n)` keeps a rolling buffer whose contents would have
+    to go into the checkpoint (and it has no resume at all); a fixed window needs only the cursor where the
+    window starts and how many of its rows were taken, and a resume re-reads at most B rows. Written here
+    because no library offers a shuffle that resumes exactly."""
+
+    def __init__(
+        self, sources: list[ShardSource], weights: tuple[float, ...], slot: int, seed: int, shuffle: int = 0
+    ) -> None:
+        self.slot, self.seed, self.row, self.shuffle = slot, seed, 0, shuffle
         self.readers = [
             None if slot_is_empty(len(source.urls), source.num_slots, slot) else SlotReader(source, slot)
             for source in sources
         ]
         self.weights = tuple(weight if reader else 0.0 for weight, reader in zip(weights, self.readers, strict=True))
+        self.window: list[Any] = []  # the current window's rows, in the order they are yielded
+        self.window_number, self.taken = 0, 0
+        self.window_start: dict[str, Any] | None = None  # the readers' cursor where the window begins
 
     @property
     def skipped(self) -> int:
         return sum(reader.skipped for reader in self.readers if reader)
 
     def next_row(self, rows: RowFormat) -> Any:
+        if not self.shuffle:
+            return self._read_row(rows)
+        if self.taken == len(self.window):
+            self._fill_window(rows)
+        self.taken += 1
+        return self.window[self.taken - 1]
+
+    def _read_row(self, rows: RowFormat) -> Any:
         reader = self._reader_for(self.row)
         self.row += 1
         return reader.take(rows.row_length) if rows.packs else reader.take_sample()
 
+    def _fill_window(self, rows: RowFormat) -> None:
+        if self.window:  # the previous window is used up
+            self.window_number += 1
+        self.window_start = self._read_state()
+        self.window = [self._read_row(rows) for _ in range(self.shuffle)]
+        digest = hashlib.sha256(f"ember-shuffle:{self.seed}:{self.slot}:{self.window_number}".encode()).digest()
+        random.Random(int.from_bytes(digest[:8], "big")).shuffle(self.window)
+        self.taken = 0
+
     def next_packed_rows(self, count: int, length: int) -> np.ndarray:
         """`count` consecutive packed rows in one read: the same tokens as `count` calls of next_row (one
-        source only: with several, consecutive rows may come from different sources)."""
+        source and no shuffle only: otherwise consecutive rows may come from different places)."""
         self.row += count
         return self.readers[0].take(count * length).reshape(count, length)
 
@@ -93,12 +123,35 @@ class SlotRows:
         return self.readers[mix_choice(self.seed, self.slot, row, self.weights)]
 
     def state(self) -> dict[str, Any]:
+        if not self.shuffle:
+            return self._read_state()
+        if self.taken == len(self.window):  # between windows: the next one starts where the readers are
+            number = self.window_number + 1 if self.window else self.window_number
+            return {"window_start": self._read_state(), "window": number, "taken": 0}
+        return {"window_start": self.window_start, "window": self.window_number, "taken": self.taken}
+
+    def load(self, raw: dict[str, Any], rows: RowFormat | None = None) -> None:
+        if not self.shuffle:
+            self._load_read_state(raw)
+            return
+        if "window_start" not in raw:
+            raise UserError("the saved data cursor was written without data.shuffle_buffer; resume with the same "
+                            "data.shuffle_buffer, or start a new run")
+        self._load_read_state(raw["window_start"])
+        self.window, self.window_number, self.taken = [], int(raw["window"]), 0
+        if int(raw["taken"]):
+            if rows is None:
+                raise InternalError("resuming inside a shuffle window needs the row format")
+            self._fill_window(rows)  # the same rows in the same order: the window is a pure function of its start
+            self.taken = int(raw["taken"])
+
+    def _read_state(self) -> dict[str, Any]:
         if len(self.readers) == 1:
             return self.readers[0].cursor.to_dict()
         cursors = [reader.cursor.to_dict() if reader else None for reader in self.readers]
         return {"row": self.row, "sources": cursors}
 
-    def load(self, raw: dict[str, Any]) -> None:
+    def _load_read_state(self, raw: dict[str, Any]) -> None:
         if len(self.readers) == 1:
             self.readers[0].reset(SlotCursor.from_dict(raw))
             return
@@ -135,6 +188,7 @@ class ShardStream:
         decode: Decoder | None = None,
         worker: int = 0,
         num_workers: int = 0,
+        shuffle_buffer: int = 0,
     ) -> None:
         if on_error not in ON_ERROR:
             raise UserError(f"data.on_error must be one of {ON_ERROR}, not {on_error!r}")
@@ -148,11 +202,13 @@ class ShardStream:
         ]
         self.weights = tuple(float(w.weight) for w in weighted)
         self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
-        self.worker, self.num_workers = worker, num_workers
+        self.worker, self.num_workers, self.shuffle_buffer = worker, num_workers, shuffle_buffer
         most_shards = max(len(source.urls) for source in self.sources)
         warn_about_thin_sources(self.sources, min(most_shards, num_slots))
         self.slots = worker_slots(rank_slots(most_shards, num_slots, rank, world_size), worker, num_workers)
-        self._slot_rows = {slot: SlotRows(self.sources, self.weights, slot, seed) for slot in self.slots}
+        self._slot_rows = {
+            slot: SlotRows(self.sources, self.weights, slot, seed, shuffle_buffer) for slot in self.slots
+        }
         self._next_slot = 0
 
     @property
@@ -173,7 +229,7 @@ class ShardStream:
         """The next batch's rows before collation (what DataLoader workers send: compact, no tensors)."""
         turns = [self.slots[(self._next_slot + i) % len(self.slots)] for i in range(self.micro_batch)]
         self._next_slot = (self._next_slot + self.micro_batch) % len(self.slots)
-        if self.rows.packs and len(self.sources) == 1:
+        if self.rows.packs and len(self.sources) == 1 and not self.shuffle_buffer:
             return self._packed_rows(turns)
         return [self._slot_rows[slot].next_row(self.rows) for slot in turns]
 
@@ -204,7 +260,7 @@ class ShardStream:
         for slot, rows in self._slot_rows.items():
             if str(slot) not in state["slots"]:
                 raise InternalError(f"the saved data cursor lacks slot {slot}; were all ranks' states merged?")
-            rows.load(state["slots"][str(slot)])
+            rows.load(state["slots"][str(slot)], self.rows)
         # The turn pointer only means something in the world size that saved it; elsewhere start at 0.
         self._next_slot = int(state.get("next_slot", {}).get(self.pointer_key, 0)) % len(self.slots)
 
@@ -215,14 +271,17 @@ class ShardStream:
         else:
             num_shards = [len(source.urls) for source in self.sources]
             extra = {"weights": list(self.weights)}
+        if self.shuffle_buffer:  # absent when off, so cursors written before the buffer existed still load
+            extra["shuffle_buffer"] = self.shuffle_buffer
         return {"seed": self.sources[0].seed, "num_slots": self.sources[0].num_slots, "num_shards": num_shards, **extra}
 
     def _check_identity(self, state: dict[str, Any]) -> None:
-        for key, value in self._identity().items():
-            if state.get(key) != value:
+        identity = {"shuffle_buffer": 0, **self._identity()}
+        for key, value in identity.items():
+            if state.get(key, 0 if key == "shuffle_buffer" else None) != value:
                 raise UserError(
                     f"the saved data cursor has {key}={state.get(key)} but this run has {value}; resume with the "
-                    "same data.seed, data.num_slots, shard lists and weights, or start a new run."
+                    "same data.seed, data.num_slots, data.shuffle_buffer, shard lists and weights, or start a new run."
                 )
 
     def close(self) -> None:

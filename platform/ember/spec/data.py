@@ -87,6 +87,10 @@ class DataSpec(Section):
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="A corrupt shard or sample: stop, or count and skip."
     )
+    shuffle_buffer: int = Field(
+        0, ge=0, description="Rows each slot reads ahead and yields in a seeded random order (0: tar order). "
+        "A resume re-reads at most this many rows per slot, and lands on exactly the same row.",
+    )
 
     @model_validator(mode="after")
     def _one_training_set(self) -> DataSpec:
