@@ -21,7 +21,18 @@ class MoESpec(Section):
     ep_size: int = Field(1, ge=1, description="Expert-parallel group size: experts are split over this many ranks.")
     every_n_layers: int = Field(2, ge=1, description="Every n-th transformer block uses a MoE FFN (the others dense).")
     aux_loss_weight: float = Field(0.01, ge=0, description="Weight of the load-balancing loss added to the LM loss.")
-    impl: Literal["deepspeed"] = Field("deepspeed", description="MoE implementation: DeepSpeed's MoE layer.")
+    z_loss_weight: float = Field(
+        0.0, ge=0, description="Weight of the router z-loss (ST-MoE: mean squared logsumexp of the router logits)."
+    )
+    noisy_gating: bool = Field(
+        False, description="Noisy top-k gating (Shazeer et al.): learned Gaussian noise on router logits in training."
+    )
+    residual: bool = Field(
+        False, description="Residual-MoE (DeepSpeed-MoE): a dense MLP beside the experts, mixed by a learned gate."
+    )
+    impl: Literal["ember", "deepspeed"] = Field(
+        "ember", description="MoE implementation: ember's sort-based layer, or DeepSpeed's MoE layer."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> MoESpec:
@@ -29,6 +40,11 @@ class MoESpec(Section):
             raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if self.num_experts % self.ep_size:
             raise ValueError(f"ep_size={self.ep_size} must divide num_experts={self.num_experts}")
+        if self.impl == "deepspeed" and (self.z_loss_weight > 0 or self.noisy_gating):
+            raise ValueError("z_loss_weight and noisy_gating need impl: ember (DeepSpeed's gate has neither)")
+        if self.z_loss_weight > 0 and self.aux_loss_weight == 0:
+            # The layer folds the z-loss into its aux term as z_loss_weight / aux_loss_weight (see moe/layer.py).
+            raise ValueError("z_loss_weight > 0 needs aux_loss_weight > 0")
         return self
 
 
