@@ -208,3 +208,20 @@ def test_reused_gradient_memory_never_overwrites_a_gradient_in_use():
     backward(1.0)  # now the memory is free for reuse, and the result is still right
     torch.testing.assert_close(layer.experts.w_in.grad, first)
     assert layer.experts.w_in.grad.data_ptr() in pointers  # reused: no fresh pages to fault in
+
+
+@pytest.mark.parametrize("impl", ["ember", "deepspeed"])
+def test_pyramid_moe_gives_deeper_layers_more_experts(impl):
+    spec = GPTSpec.model_validate({"d_model": 16, "n_heads": 2, "n_layers": 4, "seq_len": 8, "moe": {
+        "experts_per_layer": [2, 4], "top_k": 2, "ep_size": 2, "impl": impl, "residual": True}})
+    model = build_model(spec, ep_rank=1, seed=0)  # built only: ep_size=2 needs two ranks to run
+    assert [block.ffn.num_local_experts for block in model.blocks[1::2]] == [1, 2]  # ep_size=2 halves 2 and 4
+    assert [block.ffn.first_expert for block in model.blocks[1::2]] == [1, 2]
+    whole = build_model(spec.model_copy(update={"moe": spec.moe.model_copy(update={"ep_size": 1})}), seed=0)
+    attach_expert_groups(whole, "gloo")
+    pyramid = sum(p.numel() for p in whole.parameters())
+    flat = build_model(spec.model_copy(update={"moe": spec.moe.model_copy(update={"ep_size": 1,
+                                                                               "experts_per_layer": None,
+                                                                               "num_experts": 4})}), seed=0)
+    assert pyramid < sum(p.numel() for p in flat.parameters())
+    assert whole(torch.randint(0, 256, (2, 8))).logits.shape == (2, 8, 256)
