@@ -35,6 +35,7 @@ def moe(ep_size: int) -> dict:
 
 
 EP2 = Run("ember-zero2-ep2", {"kind": "deepspeed", "zero_stage": 2}, moe(2))
+EP2_ZERO1 = Run("ember-zero1-ep2", {"kind": "deepspeed", "zero_stage": 1}, moe(2))
 EP1 = Run("ember-zero0-ep1", {"kind": "deepspeed", "zero_stage": 0}, moe(1))
 
 
@@ -87,7 +88,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def train_save_resume(rank: int, folder: Path) -> dict:
     tokens, results = corpus(), {}
-    for run_spec in (EP1, EP2):
+    for run_spec in (EP1, EP2_ZERO1, EP2):
         spec, world, engine = build(run_spec)
         results[run_spec.name] = train(engine, spec, rank, range(SAVE_AT), tokens)
         if run_spec is EP2:
@@ -143,10 +144,11 @@ def per_rank(ranks: list[dict], name: str, key: str) -> torch.Tensor:
     return torch.tensor([result[name][key] for result in ranks], dtype=torch.float64)
 
 
-def test_ep2_under_zero2_trains_like_ep1_under_zero0(ranks):
+@pytest.mark.parametrize("run", [EP2, EP2_ZERO1], ids=lambda r: r.name)
+def test_ep2_under_zero_1_and_2_trains_like_ep1_under_zero0(ranks, run):
     for key, rtol in (("loss", LOSS_RTOL), ("grad_norm", NORM_RTOL), ("lr", 0.0)):
-        torch.testing.assert_close(per_rank(ranks, EP2.name, key), per_rank(ranks, EP1.name, key), rtol=rtol, atol=0)
-    losses = per_rank(ranks, EP2.name, "loss").mean(0)
+        torch.testing.assert_close(per_rank(ranks, run.name, key), per_rank(ranks, EP1.name, key), rtol=rtol, atol=0)
+    losses = per_rank(ranks, run.name, "loss").mean(0)
     assert losses[-1] < losses[0], losses.tolist()
 
 

@@ -55,7 +55,8 @@ class Run:
         moe = None
         if self.ep_size is not None:
             moe = {"num_experts": NUM_EXPERTS, "top_k": 1, "every_n_layers": 2, "ep_size": self.ep_size,
-                   "drop_tokens": False}  # dropless: every EP size routes every token to its expert
+                   "drop_tokens": False,  # dropless: every EP size routes every token to its expert
+                   "impl": "deepspeed"}  # one file per expert; ember's stacked experts reshard only at ep_size 1
         return JobSpec.from_dict({
             "name": f"reshard-{self.name}",
             "model": {"d_model": 32, "n_heads": 4, "n_layers": 2, "seq_len": SEQ_LEN, "moe": moe},
