@@ -83,6 +83,18 @@ def stack_experts(per_expert: list[dict[str, torch.Tensor]]) -> dict[str, torch.
     }
 
 
+def split_stacked(kind: str, tensor: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """One stacked tensor (kind: w_in, b_in, w_out or b_out) -> its experts' tensors in nn.Linear layout."""
+    if kind.startswith("w"):
+        return [tensor[e].t().contiguous() for e in range(count)]
+    return [piece.clone() for piece in tensor.view(count, -1)]
+
+
+def join_stacked(kind: str, pieces: list[torch.Tensor]) -> torch.Tensor:
+    """The inverse of split_stacked."""
+    return torch.stack([piece.t() for piece in pieces]) if kind.startswith("w") else torch.cat(pieces)
+
+
 def segments(counts: list[int]) -> list[tuple[int, int, int]]:
     """(expert, start, end) of every non-empty segment."""
     result, start = [], 0
