@@ -37,6 +37,7 @@ def moe(ep_size: int) -> dict:
 EP2 = Run("ember-zero2-ep2", {"kind": "deepspeed", "zero_stage": 2}, moe(2))
 EP2_ZERO1 = Run("ember-zero1-ep2", {"kind": "deepspeed", "zero_stage": 1}, moe(2))
 EP1 = Run("ember-zero0-ep1", {"kind": "deepspeed", "zero_stage": 0}, moe(1))
+DDP_EP2, DDP_EP1 = Run("ember-ddp-ep2", {"kind": "ddp"}, moe(2)), Run("ember-ddp-ep1", {"kind": "ddp"}, moe(1))
 
 
 # ---- what every rank runs -------------------------------------------------------------------------
@@ -88,9 +89,12 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def train_save_resume(rank: int, folder: Path) -> dict:
     tokens, results = corpus(), {}
-    for run_spec in (EP1, EP2_ZERO1, EP2):
+    for run_spec in (EP1, EP2_ZERO1, EP2, DDP_EP2):
         spec, world, engine = build(run_spec)
         results[run_spec.name] = train(engine, spec, rank, range(SAVE_AT), tokens)
+        if run_spec is DDP_EP2:
+            (folder / "ddp-ep2").mkdir(exist_ok=True)
+            engine.save(folder / "ddp-ep2")
         if run_spec is EP2:
             facts = {"spec": spec.model_dump(mode="json"), "engine": "deepspeed"}
             CheckpointManager(folder / "checkpoints", world, facts=facts).save(
@@ -107,6 +111,10 @@ def train_save_resume(rank: int, folder: Path) -> dict:
     spec, world, engine = build(EP2)
     engine.load(next((folder / "checkpoints").glob("step_*")) / "engine")
     results["resumed"] = train(engine, spec, rank, range(SAVE_AT, STEPS), tokens)
+    for run_spec in (DDP_EP2, DDP_EP1):  # DDP's checkpoint holds the experts whole: any EP size loads it
+        spec, world, engine = build(run_spec)
+        engine.load(folder / "ddp-ep2")
+        results[f"{run_spec.name}-resumed"] = train(engine, spec, rank, range(SAVE_AT, STEPS), tokens)
     return results
 
 
@@ -144,8 +152,8 @@ def per_rank(ranks: list[dict], name: str, key: str) -> torch.Tensor:
     return torch.tensor([result[name][key] for result in ranks], dtype=torch.float64)
 
 
-@pytest.mark.parametrize("run", [EP2, EP2_ZERO1], ids=lambda r: r.name)
-def test_ep2_under_zero_1_and_2_trains_like_ep1_under_zero0(ranks, run):
+@pytest.mark.parametrize("run", [EP2, EP2_ZERO1, DDP_EP2], ids=lambda r: r.name)
+def test_ep2_under_zero_1_2_and_ddp_trains_like_ep1_under_zero0(ranks, run):
     for key, rtol in (("loss", LOSS_RTOL), ("grad_norm", NORM_RTOL), ("lr", 0.0)):
         torch.testing.assert_close(per_rank(ranks, run.name, key), per_rank(ranks, EP1.name, key), rtol=rtol, atol=0)
     losses = per_rank(ranks, run.name, "loss").mean(0)
@@ -156,6 +164,14 @@ def test_resumed_ep2_run_replays_bitwise(ranks):
     for key in ("loss", "grad_norm", "lr"):
         expected = per_rank(ranks, EP2.name, key)[:, SAVE_AT:]
         assert torch.equal(per_rank(ranks, "resumed", key), expected), key
+
+
+def test_ddp_ep2_checkpoint_resumes_bitwise_and_loads_into_ep1(ranks):
+    for key in ("loss", "grad_norm", "lr"):
+        expected = per_rank(ranks, DDP_EP2.name, key)[:, SAVE_AT:]
+        assert torch.equal(per_rank(ranks, f"{DDP_EP2.name}-resumed", key), expected), key
+        rtol = {"loss": LOSS_RTOL, "grad_norm": NORM_RTOL, "lr": 0.0}[key]  # EP=1: other GEMM shapes, fp32 rounding
+        torch.testing.assert_close(per_rank(ranks, f"{DDP_EP1.name}-resumed", key), expected, rtol=rtol, atol=0)
 
 
 def test_deepspeed_writes_one_file_per_global_expert(ranks, folder):

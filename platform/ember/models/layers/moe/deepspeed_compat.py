@@ -70,6 +70,14 @@ def expert_parallel_group(ep_size: int, use_data_before_expert_parallel: bool = 
     return groups._get_expert_parallel_group(name)
 
 
+def expert_groups(ep_size: int) -> tuple[Any, Any]:
+    """(expert-parallel group, expert-data-parallel group) of this rank, DeepSpeed's for this ep_size."""
+    from deepspeed.utils import groups
+
+    parallel = expert_parallel_group(ep_size)
+    return parallel, groups._get_expert_data_parallel_group(f"ep_size_{ep_size}")
+
+
 def attach_expert_groups(model: nn.Module, backend: str) -> None:
     """Give every MoE layer its expert groups outside deepspeed.initialize (DDP, FSDP, export, generation)."""
     layers = [m for m in model.modules() if hasattr(m, "set_deepspeed_parallelism")]
