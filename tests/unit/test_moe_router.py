@@ -110,3 +110,29 @@ def test_stats_describe_the_routing():
     assert 0 < stats["router_entropy"] <= math.log(EXPERTS)
     assert int(routing.counts.sum()) == int((routing.experts < EXPERTS).sum())
     assert all(not value.requires_grad for value in stats.values())
+
+
+def test_expert_choice_gives_every_expert_its_best_tokens():
+    layer = TopKRouter(D_MODEL, EXPERTS, 2, 1.0, 1.0, 0, drop_tokens=True, expert_choice=True)
+    routing = layer(torch.randn(64, D_MODEL))
+    assert routing.counts.tolist() == [32] * EXPERTS  # ceil(64 / 4 * 2 * 1.0) each: balanced by construction
+    assert routing.experts.shape == (64, EXPERTS) and float(routing.balance_loss) == 0.0
+    assert math.isclose(float(layer.last_stats["expert_fraction"].sum()), 1.0, rel_tol=1e-6)
+
+
+def test_expert_choice_layer_equals_a_per_expert_loop():
+    spec = MoESpec(num_experts=EXPERTS, top_k=1, capacity_factor=1.5, min_capacity=0, routing="expert_choice",
+                   impl="ember")
+    torch.manual_seed(3)
+    moe = EmberMoE(D_MODEL, 32, spec)
+    x = torch.randn(40, D_MODEL)
+    out, _ = moe(x)
+    probs = torch.softmax(moe.router.gate(x), dim=1)
+    experts, count = moe.experts, EXPERTS
+    b_in, b_out = experts.b_in.view(count, -1), experts.b_out.view(count, -1)
+    expected = torch.zeros_like(x)
+    for e in range(EXPERTS):  # each expert: its 15 highest-probability tokens, weighted by that probability
+        for token in torch.topk(probs[:, e], 15).indices.tolist():
+            hidden = torch.nn.functional.gelu(x[token] @ experts.w_in[e] + b_in[e], approximate="tanh")
+            expected[token] += probs[token, e] * (hidden @ experts.w_out[e] + b_out[e])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)

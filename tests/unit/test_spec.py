@@ -54,6 +54,7 @@ def test_input_paths_resolve_against_the_spec_folder() -> None:
         (["model.moe.experts_per_layer=[4, 4, 8]"], "moe.experts_per_layer has 3 entries; the model has 2 MoE"),
         (["model.moe.experts_per_layer=[4, 5]"], "ep_size=2 must divide experts_per_layer=5"),
         (["model.moe.impl=deepspeed", "model.moe.noisy_gating=true"], "need impl: ember"),
+        (["model.moe.impl=deepspeed", "model.moe.routing=expert_choice"], "need impl: ember"),
         (["engine.zero_stage=3"], "zero_stage=3 is not supported"),
         (["schedule.global_batch=40"], "schedule.global_batch=40"),
         (["optim.lrr=0.1"], "optim.lrr: unknown field"),

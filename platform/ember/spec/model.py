@@ -32,6 +32,12 @@ class MoESpec(Section):
     noisy_gating: bool = Field(
         False, description="Noisy top-k gating (Shazeer et al.): learned Gaussian noise on router logits in training."
     )
+    routing: Literal["token_choice", "expert_choice"] = Field(
+        "token_choice",
+        description="token_choice: each token picks its top_k experts. expert_choice (Zhou et al. 2022): each expert "
+        "picks its capacity_factor x top_k x tokens / experts best tokens; balanced by construction, but not causal "
+        "(a token's experts depend on the rest of the batch). impl: ember only.",
+    )
     residual: bool = Field(
         False, description="Residual-MoE (DeepSpeed-MoE): a dense MLP beside the experts, mixed by a learned gate."
     )
@@ -47,8 +53,10 @@ class MoESpec(Section):
                 raise ValueError(f"top_k={self.top_k} exceeds {field}={count}")
             if count < 1 or count % self.ep_size:
                 raise ValueError(f"ep_size={self.ep_size} must divide {field}={count}")
-        if self.impl == "deepspeed" and (self.z_loss_weight > 0 or self.noisy_gating):
-            raise ValueError("z_loss_weight and noisy_gating need impl: ember (DeepSpeed's gate has neither)")
+        if self.impl == "deepspeed" and (self.z_loss_weight > 0 or self.noisy_gating or self.routing != "token_choice"):
+            raise ValueError(
+                "z_loss_weight, noisy_gating and routing: expert_choice need impl: ember (DeepSpeed's gate has none)"
+            )
         if self.z_loss_weight > 0 and self.aux_loss_weight == 0:
             # The layer folds the z-loss into its aux term as z_loss_weight / aux_loss_weight (see moe/layer.py).
             raise ValueError("z_loss_weight > 0 needs aux_loss_weight > 0")

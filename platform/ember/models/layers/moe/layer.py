@@ -41,7 +41,7 @@ class EmberMoE(nn.Module):
         self.expert_group_name = f"ep_size_{spec.ep_size}"  # DeepSpeed's group name; ZeRO looks groups up by it
         self.router = TopKRouter(
             d_model, spec.num_experts, spec.top_k, spec.capacity_factor, spec.eval_capacity_factor,
-            spec.min_capacity, spec.drop_tokens, spec.noisy_gating,
+            spec.min_capacity, spec.drop_tokens, spec.noisy_gating, spec.routing == "expert_choice",
         )
         self.experts = GroupedExperts(self.num_local_experts, d_model, d_ff, self.expert_group_name)
         self.dispatcher = TokenDispatcher(spec.num_experts, spec.ep_size)

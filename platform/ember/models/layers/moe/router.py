@@ -19,6 +19,11 @@ top2_2nd_expert_sampling=False, reproduced call for call where rounding or tie-b
   counted before drops, on top-2 too (DeepSpeed's definition).
 - z-loss (ST-MoE): mean_s logsumexp(logits)^2, on the noise-free logits.
 
+- expert choice (Zhou et al. 2022), instead of the above: every expert takes the C = ceil(S / E * k * cf)
+  tokens with the highest p for it, weighted by that p; a token may reach 0 to E experts. Balanced by
+  construction (no balance loss), but a token's experts depend on the other tokens of the batch, so it
+  is not causal: for LM training only where that is acceptable.
+
 Routing is deterministic: nothing is sampled except the noise of noisy gating.
 """
 
@@ -50,13 +55,14 @@ class TopKRouter(nn.Module):
         min_capacity: int,
         drop_tokens: bool,
         noisy: bool = False,
+        expert_choice: bool = False,
     ) -> None:
         super().__init__()
         if top_k not in (1, 2):
             raise ValueError(f"top_k={top_k}: the router supports 1 or 2")
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
-        self.min_capacity, self.drop_tokens = min_capacity, drop_tokens
+        self.min_capacity, self.drop_tokens, self.expert_choice = min_capacity, drop_tokens, expert_choice
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         self.noise = nn.Linear(d_model, num_experts, bias=False) if noisy else None
         self.last_stats: dict[str, torch.Tensor] = {}
@@ -67,6 +73,8 @@ class TopKRouter(nn.Module):
             logits = F.linear(x.float(), self.gate.weight.float())
             noisy = self._add_noise(x, logits)
         probs = F.softmax(noisy, dim=1)
+        if self.expert_choice:
+            return self._experts_choose(probs, logits)
         experts = self._choose(probs, noisy)
         kept = self._keep(experts) if self.drop_tokens else torch.ones_like(experts, dtype=torch.bool)
         weights = self._weights(probs, experts, kept)
@@ -76,6 +84,19 @@ class TopKRouter(nn.Module):
         z_loss = torch.logsumexp(logits, dim=1).square().mean()
         self.last_stats = routing_stats(probs, experts, kept, balance, z_loss)
         return Routing(routed, weights, counts, balance, z_loss)
+
+    def _experts_choose(self, probs: torch.Tensor, logits: torch.Tensor) -> Routing:
+        """Expert choice: routes as [S, E], column e holding e where expert e took the token."""
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        tokens = probs.shape[0]
+        capacity = min(deepspeed_capacity(tokens, self.num_experts, factor * self.top_k, self.min_capacity), tokens)
+        chosen = torch.topk(probs, capacity, dim=0).indices  # [C, E]: each expert's tokens
+        taken = torch.zeros_like(probs, dtype=torch.bool).scatter_(0, chosen, True)
+        experts = torch.arange(self.num_experts, device=probs.device).expand_as(probs)
+        z_loss = torch.logsumexp(logits, dim=1).square().mean()
+        balance = probs.new_zeros(())  # balanced by construction
+        self.last_stats = expert_choice_stats(probs, taken, z_loss)
+        return Routing(torch.where(taken, experts, self.num_experts), probs * taken, taken.sum(0), balance, z_loss)
 
     def _add_noise(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if self.noise is None or not self.training:
@@ -149,5 +170,18 @@ def routing_stats(
         "dropped_fraction": (~kept).sum().float() / routes,
         "router_entropy": -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=1).mean(),
         "balance_loss": balance.detach(),
+        "z_loss": z_loss.detach(),
+    }
+
+
+@torch.no_grad()
+def expert_choice_stats(probs: torch.Tensor, taken: torch.Tensor, z_loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    """routing_stats for expert choice: `dropped_fraction` is the share of tokens no expert took."""
+    counts = taken.sum(0).float()
+    return {
+        "expert_fraction": counts / counts.sum(),
+        "dropped_fraction": (~taken.any(dim=1)).float().mean(),
+        "router_entropy": -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=1).mean(),
+        "balance_loss": probs.new_zeros(()),
         "z_loss": z_loss.detach(),
     }
