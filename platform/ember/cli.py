@@ -201,6 +201,23 @@ def ckpt_export(
     console.print(f"exported {source} -> {out}", markup=False)
 
 
+@app.command("moe-stats")
+def moe_stats(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (runs/<name>).")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object instead of the table.")] = False,
+) -> None:
+    """Expert-load imbalance per MoE layer at the latest logged step (from the run's TensorBoard logs)."""
+    from ember.observe.moe_stats import format_table, moe_stats_table
+
+    step, rows = moe_stats_table(run_dir)
+    if as_json:
+        console.print_json(json.dumps({"step": step, "layers": rows}))
+        return
+    console.print(f"{run_dir}: MoE routing at step {step}; load = an expert's token share x experts (1.00 uniform)",
+                  markup=False, highlight=False, soft_wrap=True)
+    console.print(format_table(rows), markup=False, highlight=False, soft_wrap=True)
+
+
 STATE_DIR = Path(os.environ.get("EMBER_HOME", Path.home() / ".ember")) / "clusters"
 AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray dashboard, e.g. http://127.0.0.1:8265.")]
 

@@ -26,7 +26,8 @@ def spec_dict(ep_size: int) -> dict:
     return {
         "name": "export-test",
         "model": {"d_model": 32, "n_heads": 4, "n_layers": 2, "seq_len": SEQ,
-                  "moe": {"num_experts": 4, "ep_size": ep_size, "capacity_factor": 4.0, "eval_capacity_factor": 4.0}},
+                  "moe": {"num_experts": 4, "ep_size": ep_size, "capacity_factor": 4.0, "eval_capacity_factor": 4.0,
+                          "impl": "deepspeed"}},  # ember's layer: tests/distributed/test_moe_ep.py
         "data": {"train": {"urls": "unused.tar"}},
         "engine": {"kind": "deepspeed", "zero_stage": 2},
         "optim": {"lr": 1e-2},

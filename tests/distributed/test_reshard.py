@@ -40,6 +40,8 @@ EXPERT_NAME = re.compile(r"^(.*\.deepspeed_experts\.)(\d+)(\..+)$")
 # accumulate two each and reduce; experts see other batch shapes). 2e-6 leaves 5x headroom; restoring
 # zero moments instead of the saved ones moves the losses by 1.7e-2.
 LOSS_RTOL = 2e-6
+STACKED = re.compile(r"^(.*\.)experts\.(w_in|b_in|w_out|b_out)$")  # ember's experts: [E_local, ...] per rank
+LINEAR = {"w_in": "fc.weight", "b_in": "fc.bias", "w_out": "proj.weight", "b_out": "proj.bias"}
 BF16_LOSS_RTOL = 2e-4  # bf16 weights and gradients: measured 2.3e-5
 
 
@@ -50,12 +52,13 @@ class Run:
     zero_stage: int
     ep_size: int | None = None  # None: dense
     precision: str = "fp32"
+    impl: str = "deepspeed"  # MoE layer: DeepSpeed's (one tensor per expert) or ember's (stacked experts)
 
     def spec(self) -> JobSpec:
         moe = None
         if self.ep_size is not None:
             moe = {"num_experts": NUM_EXPERTS, "top_k": 1, "every_n_layers": 2, "ep_size": self.ep_size,
-                   "drop_tokens": False}  # dropless: every EP size routes every token to its expert
+                   "drop_tokens": False, "impl": self.impl}  # dropless: every EP size routes every token
         return JobSpec.from_dict({
             "name": f"reshard-{self.name}",
             "model": {"d_model": 32, "n_heads": 4, "n_layers": 2, "seq_len": SEQ_LEN, "moe": moe},
@@ -69,23 +72,29 @@ class Run:
 
     def moved(self, world_size: int, ep_size: int | None = None) -> Run:
         name = f"{self.name}-to-w{world_size}" + (f"-ep{ep_size}" if ep_size else "")
-        return Run(name, world_size, self.zero_stage, ep_size, self.precision)
+        return Run(name, world_size, self.zero_stage, ep_size, self.precision, self.impl)
 
 
 ZERO1_W2, ZERO2_W2, ZERO0_W2 = Run("zero1-w2", 2, 1), Run("zero2-w2", 2, 2), Run("zero0-w2", 2, 0)
 MOE2_W2_EP2, MOE0_W2_EP2 = Run("moe-zero2-w2-ep2", 2, 2, 2), Run("moe-zero0-w2-ep2", 2, 0, 2)
 MOE2_W2_EP1 = Run("moe-zero2-w2-ep1", 2, 2, 1)  # expert shards split over 2 expert-data-parallel ranks
 BF16_ZERO2_W2 = Run("bf16-zero2-w2", 2, 2, precision="bf16")
+EMBER2_W2_EP2, EMBER0_W2_EP2 = Run("ember-zero2-w2-ep2", 2, 2, 2, impl="ember"), Run("ember-zero0-w2-ep2", 2, 0, 2,
+                                                                                      impl="ember")
 ZERO1_W1, ZERO2_W1, MOE2_W1_EP1 = Run("zero1-w1", 1, 1), Run("zero2-w1", 1, 2), Run("moe-zero2-w1-ep1", 1, 2, 1)
 # trained and saved on 2 ranks, on 1 rank
-WIDE = [ZERO1_W2, ZERO2_W2, ZERO0_W2, MOE2_W2_EP2, MOE2_W2_EP1, MOE0_W2_EP2, BF16_ZERO2_W2]
+WIDE = [ZERO1_W2, ZERO2_W2, ZERO0_W2, MOE2_W2_EP2, MOE2_W2_EP1, MOE0_W2_EP2, BF16_ZERO2_W2, EMBER2_W2_EP2,
+        EMBER0_W2_EP2]
 NARROW = [ZERO1_W1, ZERO2_W1, MOE2_W1_EP1]
 # (saved run, resumed run) for the two resume spawns
-TO_NARROW = [(run, run.moved(1, run.ep_size and 1)) for run in WIDE if run not in (MOE2_W2_EP1, MOE0_W2_EP2)]
+TO_NARROW = [(run, run.moved(1, run.ep_size and 1)) for run in WIDE
+             if run not in (MOE2_W2_EP1, MOE0_W2_EP2, EMBER0_W2_EP2)]
 TO_REGROWN = [(run, run.moved(2, run.ep_size and 2)) for run in NARROW] + [
     (MOE2_W2_EP2, MOE2_W2_EP2.moved(2, 1)),  # same world size, ep_size 2 -> 1
     (MOE2_W2_EP1, MOE2_W2_EP1.moved(2, 2)),  # and 1 -> 2
     (MOE0_W2_EP2, MOE0_W2_EP2.moved(2, 1)),
+    (EMBER2_W2_EP2, EMBER2_W2_EP2.moved(2, 1)),
+    (EMBER0_W2_EP2, EMBER0_W2_EP2.moved(2, 1)),
 ]
 
 
@@ -132,13 +141,15 @@ def full_tensors(engine, world) -> dict[str, dict[str, torch.Tensor]]:
             flat = optimizer.single_partition_of_fp32_groups[index]
             state = optimizer.optimizer.state[flat]
             for param in params:
-                entry = result[global_name(ds.param_names[param], world)]
-                entry.update(gather_partitioned(param, {"master": flat, **state}))
+                gathered = gather_partitioned(param, {"master": flat, **state})
+                for name, entry in per_expert(ds.param_names[param], gathered, world).items():
+                    result[name].update(entry)
     else:
         for group in optimizer.param_groups:
             for param in group["params"]:
-                entry = result[global_name(ds.param_names[param], world)]
-                entry.update(master=param.detach().clone(), **{k: v.clone() for k, v in optimizer.state[param].items()})
+                state = {"master": param.detach().clone(), **{k: v.clone() for k, v in optimizer.state[param].items()}}
+                for name, entry in per_expert(ds.param_names[param], state, world).items():
+                    result[name].update(entry)
     result["lr"] = {"lr": torch.tensor([group["lr"] for group in optimizer.param_groups], dtype=torch.float64)}
     return result
 
@@ -160,10 +171,31 @@ def gather_partitioned(param, flats: dict[str, torch.Tensor]) -> dict[str, torch
     return gathered
 
 
+def per_expert(name: str, tensors: dict[str, torch.Tensor], world) -> dict[str, dict[str, torch.Tensor]]:
+    """Global name -> tensors; ember's stacked expert tensors cut into the per-expert names its files use."""
+    match = STACKED.match(name)
+    if match is None:
+        return {global_name(name, world): tensors}
+    kind, per_rank = match.group(2), NUM_EXPERTS // world.ep_size
+    prefix = f"{match.group(1)}deepspeed_moe.experts.deepspeed_experts."
+    result = {}
+    for local in range(per_rank):
+        result[f"{prefix}{world.ep_rank * per_rank + local}.{LINEAR[kind]}"] = {
+            key: stacked_piece(value, kind, local, per_rank) for key, value in tensors.items()}
+    return result
+
+
+def stacked_piece(value: torch.Tensor, kind: str, local: int, per_rank: int) -> torch.Tensor:
+    """Expert `local` of a stacked tensor, in nn.Linear layout (weights [out, in], biases flat)."""
+    if value.dim() == 0:
+        return value
+    return value[local].t() if kind.startswith("w") else value.view(per_rank, -1)[local]
+
+
 def global_name(name: str, world) -> str:
     match = EXPERT_NAME.match(name)
     if match is None:
-        return name
+        return name.replace(".router.gate.weight", ".deepspeed_moe.gate.wg.weight")  # ember's router, as saved
     per_rank = NUM_EXPERTS // world.ep_size
     return f"{match.group(1)}{world.ep_rank * per_rank + int(match.group(2))}{match.group(3)}"
 

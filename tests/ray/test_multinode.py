@@ -54,8 +54,12 @@ def test_expert_parallel_job_spans_two_nodes_and_survives_losing_one(tmp_path: P
         job = submitted.stdout.split("submitted ")[1].split()[0]
 
         wait_for(lambda: any(e["kind"] == "step" and e["step"] >= 12 for e in events(run_dir)), 300, "step 12")
-        manifest = json.loads(sorted((run_dir / "checkpoints").glob("step_*/manifest.json"))[-1].read_text())
+        latest = sorted((run_dir / "checkpoints").glob("step_*/manifest.json"))[-1]  # committed: manifest last
+        manifest = json.loads(latest.read_text())
         assert len({rank["node_id"] for rank in manifest["placement"]["ranks"]}) == 2  # EP ranks on both nodes
+        assert manifest["placement"]["layers"]["1"] == {"0": 0, "1": 0, "2": 1, "3": 1}  # expert -> EP rank
+        engine_dir = latest.parent / "engine"
+        assert len(list(engine_dir.glob("layer_0_expert_*_mp_rank_00_model_states.pt"))) == 4  # one file per expert
 
         ember("down", "--name", node, env=env)  # the worker node's processes are gone
         before = len(events(run_dir))

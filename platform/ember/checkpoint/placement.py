@@ -35,11 +35,10 @@ def expert_placement(model: GPTSpec, world: World, hosts: list[dict[str, str | N
     moe = model.moe
     if moe is None:
         return None
-    per_rank = moe.num_experts // moe.ep_size
-    moe_layers = [i for i in range(model.n_layers) if (i + 1) % moe.every_n_layers == 0]
+    counts = {layer: model.moe_layer_spec(layer).num_experts for layer in model.moe_layers}
     return {
         "ep_size": moe.ep_size,
-        "num_experts": moe.num_experts,
-        "layers": {str(layer): {str(e): e // per_rank for e in range(moe.num_experts)} for layer in moe_layers},
+        "num_experts": max(counts.values()),
+        "layers": {str(layer): {str(e): e // (n // moe.ep_size) for e in range(n)} for layer, n in counts.items()},
         "ranks": [{"rank": r, **hosts[r], "ep_rank": r % moe.ep_size} for r in range(world.world_size)],
     }

@@ -9,6 +9,9 @@ ZeRO-1/2, whose shards DeepSpeed names bf16_zero_pp_rank_*):
     load_full_state(ds, full, experts, world)    full tensors -> this rank's module, fp32 partitions, moments
 
 `load_resharded` runs the last two; DeepSpeedEngine.load calls it when the saved layout is not this one.
+ember's MoE layer holds a rank's experts stacked (`experts.w_in` [E_local, d, d_ff], ...): its weights are
+saved one file per expert like DeepSpeed's, and its optimizer tensors are split into the same per-expert
+global names when read, and stacked again for the loading rank's experts.
 
 What DeepSpeed writes (ZeRO-1/2): `mp_rank_00_model_states.pt` (dp rank 0: the module without experts,
 `param_shapes`, LR scheduler, step counters); `layer_L_expert_E_mp_rank_00_model_states.pt` (expert
@@ -33,6 +36,8 @@ import torch
 
 from ember.errors import UserError
 from ember.models.layers.moe import is_expert_parameter
+from ember.models.layers.moe.deepspeed_compat import DEEPSPEED_GATE, EMBER_GATE, PER_EXPERT
+from ember.models.layers.moe.experts import join_stacked, split_stacked
 from ember.world import World
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -41,6 +46,9 @@ ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.
 EXPERT_OPTIM_FILE = "expp_rank_{}_mp_rank_00_optim_states.pt"
 EXPERT_WEIGHTS_GLOB = "layer_*_expert_*_mp_rank_00_model_states.pt"
 EXPERT_NAME = re.compile(r"^(.*\.deepspeed_experts\.)(\d+)(\..+)$")
+STACKED_NAME = re.compile(r"^(.*\.)experts\.(w_in|b_in|w_out|b_out)$")  # ember's stacked experts
+EXPERTS_OF_LAYER = PER_EXPERT.split("{}")[0]  # a MoE layer's name + this: the prefix of its experts' names
+PER_EXPERT_PARAM = {"w_in": "fc.weight", "b_in": "fc.bias", "w_out": "proj.weight", "b_out": "proj.bias"}
 EP_GROUP = re.compile(r"^ep_size_(\d+)$")
 MASTER = "master"  # the fp32 master weight, stored beside the optimizer state keys while joining
 
@@ -64,7 +72,7 @@ class ExpertLayout:
     def to_global(self, name: str, ep_size: int, ep_rank: int) -> str:
         parsed = self._parse(name, ep_size)
         if parsed is None:
-            return name
+            return self._saved_gate_name(name)
         prefix, local, rest, per_rank = parsed
         if local >= per_rank:
             raise UserError(f"{name}: local expert {local} on a rank that holds {per_rank} experts (ep_size={ep_size})")
@@ -76,6 +84,47 @@ class ExpertLayout:
         if self.layers[prefix] % ep_size:
             raise UserError(f"{prefix!r}: {self.layers[prefix]} experts cannot be split over ep_size={ep_size}")
         return self.layers[prefix] // ep_size
+
+    def stacked(self, name: str, ep_size: int, ep_rank: int) -> tuple[str, list[str]] | None:
+        """For a stacked expert tensor: its kind (w_in, ...) and the global per-expert names of its slices."""
+        match = STACKED_NAME.match(name)
+        if match is None or match.group(1) + EXPERTS_OF_LAYER not in self.layers:
+            return None
+        prefix = match.group(1) + EXPERTS_OF_LAYER
+        per_rank = self.local_count(prefix, ep_size)
+        suffix = PER_EXPERT_PARAM[match.group(2)]
+        return match.group(2), [f"{prefix}{ep_rank * per_rank + e}.{suffix}" for e in range(per_rank)]
+
+    def split(self, name: str, ep_size: int, ep_rank: int, tensors: dict[str, Any]) -> list[tuple[str, dict]]:
+        """(global name, tensors) per parameter: one entry, or one per expert of a stacked tensor (scalars shared)."""
+        stacked = self.stacked(name, ep_size, ep_rank)
+        if stacked is None:
+            return [(self.to_global(name, ep_size, ep_rank), tensors)]
+        kind, names = stacked
+        pieces = {key: split_stacked(kind, value, len(names)) if value.dim() else [value] * len(names)
+                  for key, value in tensors.items()}
+        return [(global_name, {key: pieces[key][e] for key in tensors}) for e, global_name in enumerate(names)]
+
+    def gather(self, name: str, ep_size: int, ep_rank: int, table: dict[str, Any]) -> Any:
+        """table[global name] for this rank's parameter, a stacked tensor joined from its experts' entries
+        (entries may be tensors or dicts of tensors, e.g. an optimizer state)."""
+        stacked = self.stacked(name, ep_size, ep_rank)
+        if stacked is None:
+            return _pick(table, self.to_global(name, ep_size, ep_rank))
+        kind, names = stacked
+        entries = [_pick(table, global_name) for global_name in names]
+        if isinstance(entries[0], torch.Tensor):
+            return join_stacked(kind, entries)
+        return {key: join_stacked(kind, [entry[key] for entry in entries]) if value.dim() else value
+                for key, value in entries[0].items()}
+
+    def _saved_gate_name(self, name: str) -> str:
+        """ember's router weight is saved under DeepSpeed's gate name (deepspeed_compat.to_per_expert_layout)."""
+        if name.endswith("." + EMBER_GATE):
+            prefix = name[: -len(EMBER_GATE)]
+            if prefix + EXPERTS_OF_LAYER in self.layers:
+                return prefix + DEEPSPEED_GATE
+        return name
 
     def _parse(self, name: str, ep_size: int) -> tuple[str, int, str, int] | None:
         match = EXPERT_NAME.match(name)
@@ -205,12 +254,16 @@ def _read_zero_partitions(engine_dir, saved, experts, param_shapes) -> tuple[dic
         lrs.append(group["lr"])
         for ep_rank, owners in _partition_owners(group, saved):
             for local, parts in _join_fragments([ranks[rank] for rank in owners], index).items():
-                name = experts.to_global(local, saved.ep_size, ep_rank)
                 shape = torch.Size(param_shapes[index][local])
-                whole = {key: _whole(value, shape, name) for key, value in parts.items()}
-                _claim(master, name, whole.pop(MASTER))
-                optimizer[name] = whole
+                whole = {key: _whole(value, shape, local) for key, value in parts.items()}
+                _store(master, optimizer, experts.split(local, saved.ep_size, ep_rank, whole))
     return master, optimizer, lrs
+
+
+def _store(master: dict, optimizer: dict, entries: list[tuple[str, dict[str, torch.Tensor]]]) -> None:
+    for name, tensors in entries:
+        _claim(master, name, tensors.pop(MASTER))
+        optimizer[name] = tensors
 
 
 def _partition_owners(group: dict[str, Any], saved: SavedLayout) -> list[tuple[int, list[int]]]:
@@ -276,11 +329,10 @@ def _read_torch_optimizer(engine_dir, saved, experts, states, module, groups) ->
                 raise UserError(f"{engine_dir}: optimizer group {group.get('name')!r} holds {len(group['params'])} "
                                 f"parameters, the model's layout for ep_size={saved.ep_size} has {len(names)}")
             for local, index in zip(names, group["params"], strict=True):
-                name = experts.to_global(local, saved.ep_size, ep_rank)
-                _claim(master, name, _pick(module, name).float())
-                shape = master[name].shape
+                weight = experts.gather(local, saved.ep_size, ep_rank, module).float()
                 state = state_dict["state"].get(index, {})  # none for a parameter that never had a gradient
-                optimizer[name] = {key: v.view(shape) if v.dim() else v for key, v in state.items()}
+                tensors = {MASTER: weight, **{key: v.view(weight.shape) if v.dim() else v for key, v in state.items()}}
+                _store(master, optimizer, experts.split(local, saved.ep_size, ep_rank, tensors))
     return master, optimizer, [group["lr"] for group in saved_states[0]["param_groups"]]
 
 
@@ -327,16 +379,16 @@ def check_consistent(full: FullState, experts: ExpertLayout) -> None:
 @torch.no_grad()
 def load_full_state(ds, full: FullState, experts: ExpertLayout, world: World) -> None:
     """Write this rank's part of `full` into a freshly initialised DeepSpeed engine (ZeRO 0-2)."""
-    def to_global(name: str) -> str:
-        return experts.to_global(name, world.ep_size, world.ep_rank)
+    def lookup(table: dict[str, Any], name: str) -> Any:
+        return experts.gather(name, world.ep_size, world.ep_rank, table)
 
-    module_state = {name: _pick(full.module, to_global(name)) for name in ds.module.state_dict()}
+    module_state = {name: lookup(full.module, name) for name in ds.module.state_dict()}
     ds.module.load_state_dict(module_state, strict=True)
     optimizer = ds.optimizer
     if _is_partitioned(optimizer):
-        _load_partitions(ds, full, to_global)
+        _load_partitions(ds, full, lookup)
     else:
-        _load_torch_optimizer(ds, full, to_global)
+        _load_torch_optimizer(ds, full, lookup)
     if len(optimizer.param_groups) != len(full.group_lrs):
         raise UserError(
             f"the checkpoint has {len(full.group_lrs)} optimizer groups, this model {len(optimizer.param_groups)}"
@@ -349,19 +401,19 @@ def load_full_state(ds, full: FullState, experts: ExpertLayout, world: World) ->
         setattr(ds, key, value)
 
 
-def _load_partitions(ds, full: FullState, to_global) -> None:
+def _load_partitions(ds, full: FullState, lookup) -> None:
     """ZeRO-1/2: fill each group's flat fp32 partition and a fresh optimizer state for it, fragment by fragment."""
     zero = ds.optimizer
     for index, params in enumerate(zero.bit16_groups):
         flat = zero.single_partition_of_fp32_groups[index]
-        template = _pick(full.optimizer, to_global(ds.param_names[params[0]]))
+        template = lookup(full.optimizer, ds.param_names[params[0]])
         state = {key: torch.zeros_like(flat) if value.dim() else value.clone() for key, value in template.items()}
         for param in params:
             mapping = param._hp_mapping
             if mapping is None:  # no fragment of this parameter in this rank's partition
                 continue
-            name = to_global(ds.param_names[param])
-            source = {MASTER: _pick(full.master, name), **_pick(full.optimizer, name)}
+            name = ds.param_names[param]
+            source = {MASTER: lookup(full.master, name), **lookup(full.optimizer, name)}
             lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
             for key, value in source.items():
                 if value.dim():
@@ -371,15 +423,14 @@ def _load_partitions(ds, full: FullState, to_global) -> None:
     zero._hp_optimizer_states_linked = False  # re-link fragment views to the new state tensors at the next step
 
 
-def _load_torch_optimizer(ds, full: FullState, to_global) -> None:
+def _load_torch_optimizer(ds, full: FullState, lookup) -> None:
     """ZeRO-0: DeepSpeed steps ember's torch optimizer on the module's own parameters."""
     optimizer = ds.optimizer
     for group in optimizer.param_groups:
         for param in group["params"]:
-            name = to_global(ds.param_names[param])
             optimizer.state[param] = {
                 key: value.clone().view_as(param) if value.dim() else value.clone()
-                for key, value in _pick(full.optimizer, name).items()
+                for key, value in lookup(full.optimizer, ds.param_names[param]).items()
             }
 
 
@@ -410,14 +461,16 @@ def reshard_problem(ds) -> str | None:
         return "bf16 at ZeRO-0 (DeepSpeed's bf16 optimizer wrapper) is not resharded; use ZeRO-1/2 or fp32"
     if ds.zero_cpu_offload() or ds.zero_nvme_offload_optimizer():
         return "resharding does not support optimizer offload"
-    if any(getattr(param, "group_name", "ep_size_1") != "ep_size_1" for param in _stacked_experts(ds.module)):
-        return "experts stacked in one tensor per layer are resharded only with ep_size 1"
+    experts = expert_layout(ds.module)
+    if any(getattr(param, "group_name", "ep_size_1") != "ep_size_1" for param in _unmapped_experts(ds.module, experts)):
+        return "some expert parameters are neither one expert each nor ember's stacked experts"
     return None
 
 
-def _stacked_experts(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """Expert parameters not named one expert each (deepspeed_experts.N), whose global ids ember cannot map."""
-    return [p for name, p in module.named_parameters() if is_expert_parameter(p) and not EXPERT_NAME.match(name)]
+def _unmapped_experts(module: torch.nn.Module, experts: ExpertLayout) -> list[torch.nn.Parameter]:
+    """Expert parameters whose global expert ids ember cannot map (neither deepspeed_experts.N nor stacked)."""
+    return [p for name, p in module.named_parameters()
+            if is_expert_parameter(p) and not EXPERT_NAME.match(name) and experts.stacked(name, 1, 0) is None]
 
 
 def _is_partitioned(optimizer) -> bool:

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ember.checkpoint.io import save_file
 from ember.engines.base import ENGINES
+from ember.engines.expert_shards import ExpertShards
 from ember.engines.optim import build_optimizer, build_scheduler
 from ember.models.layers.moe import attach_expert_groups
 from ember.world import World
@@ -78,7 +79,7 @@ class TorchEngine:
         return self.optimizer.param_groups[0]["lr"]
 
     def save(self, folder: Path) -> None:
-        model_state, optimizer_state = self.module.state_dict(), self._optimizer_state()
+        model_state, optimizer_state = self._model_state(), self._optimizer_state()
         if self.world.is_main:
             save_file(model_state, folder / "model.pt")
             save_file(optimizer_state, folder / "optimizer.pt")
@@ -86,11 +87,17 @@ class TorchEngine:
         self.world.barrier()
 
     def load(self, folder: Path) -> None:
-        self.module.load_state_dict(read_torch_file(folder / "model.pt", self.world.device))
+        self._load_model_state(read_torch_file(folder / "model.pt", self.world.device))
         self._load_optimizer_state(read_torch_file(folder / "optimizer.pt", self.world.device))
         self.scheduler.load_state_dict(read_torch_file(folder / "scheduler.pt", "cpu"))
 
-    # Hooks: how this wrapper skips a gradient sync, clips, and gathers or shards its optimizer state.
+    # Hooks: how this wrapper skips a gradient sync, clips, and gathers or shards its model and optimizer state.
+    def _model_state(self) -> dict[str, Any]:
+        return self.module.state_dict()
+
+    def _load_model_state(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state)
+
     def _forward_context(self) -> AbstractContextManager:
         return nullcontext()
 
@@ -114,16 +121,51 @@ def read_torch_file(path: Path, device: torch.device | str) -> Any:
 
 
 class DDPEngine(TorchEngine):
+    experts: ExpertShards | None = None  # expert parallelism: experts DDP leaves alone (engines/expert_shards.py)
+
     def _forward_context(self) -> AbstractContextManager:
         # DDP decides in forward whether the coming backward reduces gradients.
         return nullcontext() if self.syncs_next_backward else self.wrapped.no_sync()
+
+    def step(self) -> float:
+        if self.experts is not None:
+            self.experts.reduce_gradients()
+        return super().step()
+
+    def _clip_grad_norm(self) -> float:
+        if self.experts is None:
+            return super()._clip_grad_norm()
+        return self.experts.clip_grad_norm(self.module, self.max_norm)
+
+    def _model_state(self) -> dict[str, Any]:
+        state = super()._model_state()
+        return self.experts.model_state(state) if self.experts is not None else state
+
+    def _load_model_state(self, state: dict[str, Any]) -> None:
+        super()._load_model_state(self.experts.load_model_state(state) if self.experts is not None else state)
+
+    def _optimizer_state(self) -> dict | None:
+        if self.experts is None:
+            return super()._optimizer_state()
+        state = self.experts.optimizer_state(self.optimizer)  # collective: every rank gathers
+        return state if self.world.is_main else None
+
+    def _load_optimizer_state(self, state: dict) -> None:
+        if self.experts is not None:
+            state = self.experts.load_optimizer_state(self.optimizer, state)
+        super()._load_optimizer_state(state)
 
 
 @ENGINES.register("ddp")
 def build_ddp_engine(spec, model: nn.Module, world: World) -> DDPEngine:
     model.to(world.device)
-    attach_expert_groups(model, world.backend)  # MoE layers need their (size-1) expert groups
+    attach_expert_groups(model, world.backend)  # MoE layers need their expert groups (size 1 without EP)
+    experts = ExpertShards(model, world) if world.ep_size > 1 else None
+    if experts is not None:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts.names)
     device_ids = [world.device.index] if world.device.type == "cuda" else None
     wrapped = DistributedDataParallel(model, device_ids=device_ids)
     optimizer = build_optimizer(model, spec.optim, fused=world.device.type == "cuda")
-    return DDPEngine(spec, model, wrapped, optimizer, world)
+    engine = DDPEngine(spec, model, wrapped, optimizer, world)
+    engine.experts = experts
+    return engine

@@ -17,7 +17,7 @@ from ember.checkpoint.io import save_file
 from ember.engines.base import ENGINES
 from ember.engines.optim import build_optimizer, build_scheduler
 from ember.errors import UserError
-from ember.models.layers.moe import is_expert_parameter
+from ember.models.layers.moe import expose_to_deepspeed, is_expert_parameter
 from ember.world import World
 
 BUCKET_ELEMENTS = 50_000_000  # 200 MB of fp32 per reduce/all-gather bucket: large messages, bounded memory
@@ -162,6 +162,7 @@ def build_deepspeed_engine(spec, model: nn.Module, world: World) -> DeepSpeedEng
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=world.backend)  # adopts the existing torch process group
+    expose_to_deepspeed(model)  # ember's MoE layers: ZeRO's expert groups and per-expert checkpoint files
     offloads = spec.engine.offload_optimizer != "none"
     optimizer = build_optimizer(model, spec.optim, fused=world.device.type == "cuda" and not offloads)
     name_expert_groups(optimizer)

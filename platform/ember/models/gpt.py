@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from ember.models.layers.attention import CausalSelfAttention
 from ember.models.layers.mlp import MLP
 from ember.models.layers.moe import MoEFFN, build_moe_ffn
-from ember.spec.model import GPTSpec
+from ember.spec.model import GPTSpec, MoESpec
 
 
 class ModelOutput(NamedTuple):
@@ -21,13 +21,13 @@ class ModelOutput(NamedTuple):
 
 
 class Block(nn.Module):
-    def __init__(self, spec: GPTSpec, use_moe: bool, ep_rank: int) -> None:
+    def __init__(self, spec: GPTSpec, moe: MoESpec | None, ep_rank: int) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(spec.d_model)
         self.attn = CausalSelfAttention(spec.d_model, spec.n_heads, spec.dropout)
         self.ln2 = nn.LayerNorm(spec.d_model)
-        if use_moe:
-            self.ffn = build_moe_ffn(spec.d_model, spec.ffn_width, spec.moe, ep_rank, spec.dropout)
+        if moe is not None:
+            self.ffn = build_moe_ffn(spec.d_model, spec.ffn_width, moe, ep_rank, spec.dropout)
         else:
             self.ffn = MLP(spec.d_model, spec.ffn_width, spec.dropout)
 
@@ -45,16 +45,15 @@ class GPT(nn.Module):
         self.spec = spec
         self.tok_emb = nn.Embedding(spec.vocab_size, spec.d_model)
         self.pos_emb = nn.Embedding(spec.seq_len, spec.d_model)
-        self.blocks = nn.ModuleList(Block(spec, self._is_moe_layer(i), ep_rank) for i in range(spec.n_layers))
+        self.blocks = nn.ModuleList(Block(spec, self._moe_spec(i), ep_rank) for i in range(spec.n_layers))
         self.ln_f = nn.LayerNorm(spec.d_model)
         self.head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
         if spec.tie_embeddings:
             self.head.weight = self.tok_emb.weight
         self._init_weights(seed)
 
-    def _is_moe_layer(self, index: int) -> bool:
-        moe = self.spec.moe
-        return moe is not None and (index + 1) % moe.every_n_layers == 0
+    def _moe_spec(self, index: int) -> MoESpec | None:
+        return self.spec.moe_layer_spec(index) if index in self.spec.moe_layers else None
 
     def _init_weights(self, seed: int) -> None:
         generator = torch.Generator().manual_seed(seed)

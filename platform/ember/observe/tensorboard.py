@@ -25,6 +25,18 @@ class TensorBoardLogger:
         if self._writer is not None:
             self._writer.add_histogram(name, values.detach().float().cpu(), global_step=step)
 
+    def bars(self, step: int, name: str, heights: torch.Tensor) -> None:
+        """A histogram whose bucket i is heights[i]: TensorBoard draws a value per index (e.g. load per expert)."""
+        if self._writer is None:
+            return
+        heights = heights.detach().double().cpu()
+        index = torch.arange(heights.numel(), dtype=torch.float64)
+        self._writer.add_histogram_raw(
+            name, min=0.0, max=float(heights.numel() - 1), num=float(heights.sum()), sum=float((index * heights).sum()),
+            sum_squares=float((index.square() * heights).sum()), bucket_limits=(index + 0.5).tolist(),
+            bucket_counts=heights.tolist(), global_step=step,
+        )
+
     def text(self, step: int, name: str, value: str) -> None:
         if self._writer is not None:
             self._writer.add_text(name, value, global_step=step)

@@ -15,7 +15,7 @@ from ember.spec.base import Section
 from ember.spec.checkpoint import CheckpointSpec
 from ember.spec.cluster import ClusterSpec
 from ember.spec.data import DataSpec
-from ember.spec.engine import DeepSpeedSpec, EngineSpec, FairscaleSpec
+from ember.spec.engine import DDPSpec, DeepSpeedSpec, EngineSpec, FairscaleSpec
 from ember.spec.logging import LoggingSpec
 from ember.spec.model import ModelSpec
 from ember.spec.optim import OptimSpec, ScheduleSpec
@@ -51,10 +51,12 @@ class JobSpec(Section):
                 raise ValueError(f"model.moe.ep_size={moe.ep_size} must divide cluster.num_workers={workers}")
             if isinstance(self.engine, DeepSpeedSpec) and self.engine.zero_stage == 3:
                 raise ValueError("MoE with engine.zero_stage=3 is not supported by DeepSpeed; use zero_stage 0, 1 or 2")
-            if not isinstance(self.engine, DeepSpeedSpec) and moe.ep_size > 1:
+            ddp_with_ember = isinstance(self.engine, DDPSpec) and moe.impl == "ember"
+            if not isinstance(self.engine, DeepSpeedSpec) and not ddp_with_ember and moe.ep_size > 1:
                 raise ValueError(
-                    f"model.moe.ep_size={moe.ep_size} needs engine.kind=deepspeed (it reduces expert gradients over "
-                    "expert-data-parallel groups); other engines support MoE with ep_size 1"
+                    f"model.moe.ep_size={moe.ep_size} needs engine.kind=deepspeed, or ddp with model.moe.impl: ember "
+                    "(they reduce expert gradients over expert-data-parallel groups); other engines support MoE "
+                    "with ep_size 1"
                 )
         if isinstance(self.engine, FairscaleSpec) and self.engine.mode == "fsdp" and self.cluster.device == "cpu":
             raise ValueError(

@@ -10,7 +10,12 @@ from ember.spec.base import Section
 
 
 class MoESpec(Section):
-    num_experts: int = Field(8, ge=1, description="Experts per MoE layer.")
+    num_experts: int = Field(8, ge=1, description="Experts per MoE layer (every layer, unless experts_per_layer).")
+    experts_per_layer: list[int] | None = Field(
+        None,
+        description="PR-MoE (DeepSpeed-MoE): experts of each MoE layer, shallow to deep, usually more in deeper "
+        "layers, e.g. [4, 8]; one entry per MoE layer. Overrides num_experts.",
+    )
     top_k: int = Field(1, ge=1, le=2, description="Experts each token is routed to (1 or 2).")
     capacity_factor: float = Field(
         1.25, gt=0, description="Training capacity per expert, as a multiple of tokens/experts."
@@ -21,15 +26,52 @@ class MoESpec(Section):
     ep_size: int = Field(1, ge=1, description="Expert-parallel group size: experts are split over this many ranks.")
     every_n_layers: int = Field(2, ge=1, description="Every n-th transformer block uses a MoE FFN (the others dense).")
     aux_loss_weight: float = Field(0.01, ge=0, description="Weight of the load-balancing loss added to the LM loss.")
-    impl: Literal["deepspeed"] = Field("deepspeed", description="MoE implementation: DeepSpeed's MoE layer.")
+    z_loss_weight: float = Field(
+        0.0, ge=0, description="Weight of the router z-loss (ST-MoE: mean squared logsumexp of the router logits)."
+    )
+    noisy_gating: bool = Field(
+        False, description="Noisy top-k gating (Shazeer et al.): learned Gaussian noise on router logits in training."
+    )
+    routing: Literal["token_choice", "expert_choice"] = Field(
+        "token_choice",
+        description="token_choice: each token picks its top_k experts. expert_choice (Zhou et al. 2022): each expert "
+        "picks its capacity_factor x top_k x tokens / experts best tokens; balanced by construction, but not causal "
+        "(a token's experts depend on the rest of the batch). impl: ember only.",
+    )
+    residual: bool = Field(
+        False, description="Residual-MoE (DeepSpeed-MoE): a dense MLP beside the experts, mixed by a learned gate."
+    )
+    impl: Literal["ember", "deepspeed"] = Field(
+        "ember", description="MoE implementation: ember's sort-based layer, or DeepSpeed's MoE layer."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> MoESpec:
-        if self.top_k > self.num_experts:
-            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
-        if self.num_experts % self.ep_size:
-            raise ValueError(f"ep_size={self.ep_size} must divide num_experts={self.num_experts}")
+        field = "experts_per_layer" if self.experts_per_layer else "num_experts"
+        for count in self.expert_counts:
+            if self.top_k > count:
+                raise ValueError(f"top_k={self.top_k} exceeds {field}={count}")
+            if count < 1 or count % self.ep_size:
+                raise ValueError(f"ep_size={self.ep_size} must divide {field}={count}")
+        if self.impl == "deepspeed" and (self.z_loss_weight > 0 or self.noisy_gating or self.routing != "token_choice"):
+            raise ValueError(
+                "z_loss_weight, noisy_gating and routing: expert_choice need impl: ember (DeepSpeed's gate has none)"
+            )
+        if self.z_loss_weight > 0 and self.aux_loss_weight == 0:
+            # The layer folds the z-loss into its aux term as z_loss_weight / aux_loss_weight (see moe/layer.py).
+            raise ValueError("z_loss_weight > 0 needs aux_loss_weight > 0")
         return self
+
+    @property
+    def expert_counts(self) -> list[int]:
+        """The distinct expert counts of the MoE layers."""
+        return sorted(set(self.experts_per_layer or [self.num_experts]))
+
+    def layer(self, moe_index: int) -> MoESpec:
+        """The spec of the moe_index-th MoE layer: num_experts is that layer's (PR-MoE), the rest shared."""
+        if not self.experts_per_layer:
+            return self
+        return self.model_copy(update={"num_experts": self.experts_per_layer[moe_index], "experts_per_layer": None})
 
 
 class GPTSpec(Section):
@@ -49,7 +91,24 @@ class GPTSpec(Section):
     def _check(self) -> GPTSpec:
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
+        counts = self.moe and self.moe.experts_per_layer
+        if counts and len(counts) != len(self.moe_layers):
+            raise ValueError(
+                f"moe.experts_per_layer has {len(counts)} entries; the model has {len(self.moe_layers)} MoE layers "
+                f"(blocks {self.moe_layers}: every {self.moe.every_n_layers}-th of n_layers={self.n_layers})"
+            )
         return self
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Indices of the blocks whose FFN is a MoE layer."""
+        if self.moe is None:
+            return []
+        return [i for i in range(self.n_layers) if (i + 1) % self.moe.every_n_layers == 0]
+
+    def moe_layer_spec(self, block: int) -> MoESpec:
+        """The MoE spec of one block (its own expert count under PR-MoE)."""
+        return self.moe.layer(self.moe_layers.index(block))
 
     @property
     def ffn_width(self) -> int:

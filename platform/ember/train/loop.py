@@ -19,6 +19,7 @@ from ember.data.loader import build_stream
 from ember.engines import build_engine
 from ember.errors import UserError
 from ember.models import build_model
+from ember.observe.moe_stats import log_routing, mean_over_ranks, routing_stats
 from ember.observe.progress import Reporter
 from ember.observe.tensorboard import TensorBoardLogger
 from ember.serve.sampling import decode_bytes, sample_tokens
@@ -94,6 +95,7 @@ class Trainer:
                 self.reporter.emit("log", step=self.step, total=total, **stats)
                 self.metrics.update(loss=stats["loss"], tokens_per_s=stats["tokens_per_s"])
                 self.log_skipped_samples()
+                self.log_routing()
                 window_start, window_steps = time.perf_counter(), 0
             self.maybe_log_histograms()
             if self.step % self.spec.schedule.eval_every == 0 or self.step == total:
@@ -165,6 +167,12 @@ class Trainer:
         if total != self.skipped_samples:
             self.skipped_samples = total
             self.tensorboard.scalars(self.step, {"skipped": total}, prefix="data/")
+
+    def log_routing(self) -> None:
+        """Per MoE layer: expert load, drops, losses, entropy of the last micro-batch, averaged over ranks."""
+        stats = mean_over_ranks(routing_stats(self.engine.module))
+        if stats and self.world.is_main:
+            log_routing(self.tensorboard, self.step, stats)
 
     def maybe_log_histograms(self) -> None:
         every = self.spec.logging.histograms_every

@@ -84,7 +84,8 @@ def fit_expert_parallelism(spec: JobSpec, world_size: int) -> list[str]:
     moe = spec.model.moe
     if moe is None or world_size % moe.ep_size == 0:
         return []
-    fits = [size for size in range(moe.ep_size, 0, -1) if moe.num_experts % size == 0 and world_size % size == 0]
+    fits = [size for size in range(moe.ep_size, 0, -1)
+            if world_size % size == 0 and all(count % size == 0 for count in moe.expert_counts)]
     return [f"model.moe.ep_size={fits[0]}"]
 
 

@@ -1,17 +1,28 @@
-"""MoE FFN: DeepSpeed's MoE layer for now (ember's own router/dispatcher/experts replace it later).
+"""MoE FFN layers: ember's own (router -> dispatcher -> grouped experts) or DeepSpeed's, picked by `moe.impl`.
 
 Every expert is initialised from a generator seeded by its *global* expert id, so a model built with
-ep_size=2 holds exactly the experts a model built with ep_size=1 holds, split in two. DeepSpeed would
-otherwise deep-copy one expert into every slot (identical experts on every rank).
+ep_size=2 holds exactly the experts a model built with ep_size=1 holds, split in two, and both impls
+build the same function from the same seed (DeepSpeed would otherwise deep-copy one expert into every
+slot). Expert parameters carry DeepSpeed's markers (allreduce=False, group_name), so ZeRO reduces them
+over the expert-data-parallel group and the optimizer's expert groups hold them, whichever impl.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ember.models.layers.mlp import MLP
+from ember.models.layers.moe import deepspeed_compat
+from ember.models.layers.moe.dispatch import TokenDispatcher
+from ember.models.layers.moe.experts import GroupedExperts
+from ember.models.layers.moe.router import TopKRouter
 from ember.spec.model import MoESpec
+
+InitFn = Callable[[nn.Module, torch.Generator], None]
 
 
 def is_expert_parameter(param: nn.Parameter) -> bool:
@@ -19,37 +30,88 @@ def is_expert_parameter(param: nn.Parameter) -> bool:
     return not getattr(param, "allreduce", True)
 
 
-class MoEFFN(nn.Module):
-    def __init__(self, d_model: int, d_ff: int, spec: MoESpec, ep_rank: int = 0, dropout: float = 0.0) -> None:
-        super().__init__()
-        from deepspeed.moe.layer import MoE  # deferred: importing deepspeed costs ~2 s
+class EmberMoE(nn.Module):
+    """Top-k routed experts; forward(x [..., d]) -> (y [..., d], aux loss). `last_stats` after each forward."""
 
+    def __init__(self, d_model: int, d_ff: int, spec: MoESpec, ep_rank: int = 0, dropout: float = 0.0) -> None:
+        nn.Module.__init__(self)  # not super(): DeepSpeed's MoE follows in DeepSpeedEmberMoE's MRO
+        self.num_experts, self.ep_size = spec.num_experts, spec.ep_size
         self.num_local_experts = spec.num_experts // spec.ep_size
         self.first_expert = ep_rank * self.num_local_experts
-        self.moe = MoE(
-            hidden_size=d_model,
-            expert=MLP(d_model, d_ff, dropout),
-            num_experts=spec.num_experts,
-            ep_size=spec.ep_size,
-            k=spec.top_k,
-            capacity_factor=spec.capacity_factor,
-            eval_capacity_factor=spec.eval_capacity_factor,
-            min_capacity=spec.min_capacity,
-            drop_tokens=spec.drop_tokens,
-            use_rts=False,  # random token selection makes routing depend on RNG state; ember keeps it deterministic
+        self.expert_group_name = f"ep_size_{spec.ep_size}"  # DeepSpeed's group name; ZeRO looks groups up by it
+        self.router = TopKRouter(
+            d_model, spec.num_experts, spec.top_k, spec.capacity_factor, spec.eval_capacity_factor,
+            spec.min_capacity, spec.drop_tokens, spec.noisy_gating, spec.routing == "expert_choice",
         )
+        self.experts = GroupedExperts(self.num_local_experts, d_model, d_ff, self.expert_group_name)
+        self.dispatcher = TokenDispatcher(spec.num_experts, spec.ep_size)
+        self.dropout = dropout
+        # The objective weighs the aux term by aux_loss_weight; folding z in at this ratio gives it z_loss_weight.
+        self.z_ratio = spec.z_loss_weight / spec.aux_loss_weight if spec.z_loss_weight else 0.0
+        if spec.residual:  # Residual-MoE: the names DeepSpeed's MoE(use_residual=True) gives them
+            self.mlp = MLP(d_model, d_ff, dropout)
+            self.coefficient = nn.Linear(d_model, 2)
+        self.register_load_state_dict_pre_hook(_accept_per_expert_layout)
 
     @property
-    def local_experts(self) -> nn.ModuleList:
-        return self.moe.deepspeed_moe.experts.deepspeed_experts
-
-    def init_experts(self, seed: int, layer: int, init_fn) -> None:
-        for local, expert in enumerate(self.local_experts):
-            generator = torch.Generator().manual_seed(hash_seed(seed, layer, self.first_expert + local))
-            init_fn(expert, generator)
+    def last_stats(self) -> dict[str, torch.Tensor]:
+        return self.router.last_stats
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out, aux_loss, _ = self.moe(x)
+        tokens = x.reshape(-1, x.shape[-1])
+        routing = self.router(tokens)
+        out = self.dispatcher(tokens, routing, self._run_experts)
+        if hasattr(self, "mlp"):
+            mix = F.softmax(self.coefficient(tokens), dim=-1)
+            out = out * mix[:, 0:1] + self.mlp(tokens) * mix[:, 1:]
+        aux = routing.balance_loss + self.z_ratio * routing.z_loss if self.z_ratio else routing.balance_loss
+        return out.view(x.shape), aux
+
+    def _run_experts(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        return F.dropout(self.experts(rows, counts), self.dropout, self.training)
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Called by deepspeed.initialize (and attach_expert_groups): join DeepSpeed's expert groups."""
+        group = deepspeed_compat.expert_parallel_group(self.ep_size, use_data_before_expert_parallel_)
+        self.dispatcher.group = group if self.ep_size > 1 else None
+
+    def init_experts(self, seed: int, layer: int, init_fn: InitFn) -> None:
+        for local in range(self.num_local_experts):
+            expert = MLP(self.experts.d_model, self.experts.d_ff)
+            init_fn(expert, torch.Generator().manual_seed(hash_seed(seed, layer, self.first_expert + local)))
+            self.experts.load_expert(local, expert.fc, expert.proj)
+
+
+def _accept_per_expert_layout(module: EmberMoE, state, prefix, *args) -> None:
+    deepspeed_compat.from_per_expert_layout(state, prefix, module.num_local_experts)
+
+
+class MoEFFN(nn.Module):
+    """The GPT's MoE feed-forward block: forward(x) -> (y, aux loss), whichever impl is inside."""
+
+    def __init__(self, d_model: int, d_ff: int, spec: MoESpec, ep_rank: int = 0, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.impl = spec.impl
+        self.num_local_experts = spec.num_experts // spec.ep_size
+        self.first_expert = ep_rank * self.num_local_experts
+        if spec.impl == "ember":
+            self.moe = EmberMoE(d_model, d_ff, spec, ep_rank, dropout)
+        else:
+            self.moe = deepspeed_compat.build_deepspeed_moe(d_model, d_ff, spec, dropout)
+
+    @property
+    def last_stats(self) -> dict[str, torch.Tensor]:
+        return self.moe.last_stats if self.impl == "ember" else {}
+
+    def init_experts(self, seed: int, layer: int, init_fn: InitFn) -> None:
+        if self.impl == "ember":
+            self.moe.init_experts(seed, layer, init_fn)
+            return
+        for local, expert in enumerate(self.moe.deepspeed_moe.experts.deepspeed_experts):
+            init_fn(expert, torch.Generator().manual_seed(hash_seed(seed, layer, self.first_expert + local)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, aux_loss, *_ = self.moe(x)
         return out, aux_loss
 
 
@@ -59,21 +121,6 @@ def hash_seed(*parts: int) -> int:
     for part in parts:
         value = (value ^ (part + 0x9E3779B97F4A7C15 + (value << 6) + (value >> 2))) & 0x7FFFFFFFFFFFFFFF
     return value
-
-
-def attach_expert_groups(model: nn.Module, backend: str) -> None:
-    """Create DeepSpeed's expert / expert-data-parallel groups for MoE layers outside deepspeed.initialize.
-
-    deepspeed.initialize does this for its engine; DDP, export and generation call it themselves.
-    """
-    layers = [m for m in model.modules() if isinstance(m, MoEFFN)]
-    if not layers:
-        return
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend=backend)  # reuses the existing torch.distributed group
-    for layer in layers:
-        layer.moe.set_deepspeed_parallelism()
 
 
 def build_moe_ffn(d_model: int, d_ff: int, spec: MoESpec, ep_rank: int, dropout: float) -> MoEFFN:

@@ -1,0 +1,206 @@
+"""The experts of one MoE layer as stacked weights, computed on rows already grouped by expert.
+
+    w_in [E_local, d, d_ff], b_in [E_local * d_ff], w_out [E_local, d_ff, d], b_out [E_local * d]
+    expert e: y = gelu_tanh(x @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e]   (ember's MLP, per expert)
+
+Biases are stored flat so the optimizer's "decay matrices only" rule treats them as the vectors they are.
+Three ways to run the grouped GEMMs; BACKENDS picks per device from bench/moe_layer.py's measurements:
+  segments    one GEMM per expert segment into preallocated buffers, forward and backward in one autograd
+              Function (no per-expert autograd nodes, no padding)
+  grouped_mm  torch._grouped_mm over offsets (cuBLAS/CUTLASS grouped GEMM on Hopper; a loop on CPU)
+  padded      batched GEMM over groups padded to the largest one
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Measured with bench/moe_layer.py --backends (fp32, 2 CPU threads, d=256, d_ff=1024, 4096 tokens).
+BACKENDS = {"cpu": "segments", "cuda": "segments"}
+
+
+class GroupedExperts(nn.Module):
+    def __init__(self, num_local: int, d_model: int, d_ff: int, group_name: str, backend: str | None = None) -> None:
+        super().__init__()
+        self.num_local, self.d_model, self.d_ff = num_local, d_model, d_ff
+        self.w_in = nn.Parameter(torch.empty(num_local, d_model, d_ff))
+        self.b_in = nn.Parameter(torch.zeros(num_local * d_ff))
+        self.w_out = nn.Parameter(torch.empty(num_local, d_ff, d_model))
+        self.b_out = nn.Parameter(torch.zeros(num_local * d_model))
+        self.backend = backend
+        self.grad_memory = (GradientMemory(), GradientMemory())  # for w_in and w_out
+        for param in self.parameters():
+            param.allreduce = False  # DeepSpeed's expert marker: reduced over the expert-data-parallel group
+            param.group_name = group_name
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1 / math.sqrt(self.d_model)  # nn.Linear's default; the GPT re-initialises every expert by id
+        nn.init.uniform_(self.w_in, -bound, bound)
+        nn.init.uniform_(self.w_out, -1 / math.sqrt(self.d_ff), 1 / math.sqrt(self.d_ff))
+
+    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x: [R, d] rows grouped by local expert, counts[e] rows each -> [R, d]."""
+        weights = self.w_in, self.b_in.view(self.num_local, -1), self.w_out, self.b_out.view(self.num_local, -1)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x, weights = x.to(dtype), [w.to(dtype) for w in weights]
+        backend = self.backend or BACKENDS.get(x.device.type, "segments")
+        memory = self.grad_memory if x.device.type == "cpu" else None
+        with torch.autocast(x.device.type, enabled=False):
+            return RUNNERS[backend](x, counts, *weights, memory=memory)
+
+    @torch.no_grad()
+    def load_expert(self, local: int, fc: nn.Linear, proj: nn.Linear) -> None:
+        """Copy one dense expert (an MLP's fc and proj Linear layers) into slot `local`."""
+        self.w_in[local].copy_(fc.weight.t())
+        self.b_in.view(self.num_local, -1)[local].copy_(fc.bias)
+        self.w_out[local].copy_(proj.weight.t())
+        self.b_out.view(self.num_local, -1)[local].copy_(proj.bias)
+
+
+def unstack_experts(stacked: dict[str, torch.Tensor], num_local: int) -> list[dict[str, torch.Tensor]]:
+    """Stacked parameters (w_in, b_in, w_out, b_out) -> per expert, in nn.Linear layout under the MLP's names."""
+    b_in, b_out = stacked["b_in"].view(num_local, -1), stacked["b_out"].view(num_local, -1)
+    return [
+        {"fc.weight": stacked["w_in"][e].t(), "fc.bias": b_in[e],
+         "proj.weight": stacked["w_out"][e].t(), "proj.bias": b_out[e]}
+        for e in range(num_local)
+    ]
+
+
+def stack_experts(per_expert: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The inverse of unstack_experts."""
+    return {
+        "w_in": torch.stack([e["fc.weight"].t() for e in per_expert]),
+        "b_in": torch.cat([e["fc.bias"] for e in per_expert]),
+        "w_out": torch.stack([e["proj.weight"].t() for e in per_expert]),
+        "b_out": torch.cat([e["proj.bias"] for e in per_expert]),
+    }
+
+
+def split_stacked(kind: str, tensor: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """One stacked tensor (kind: w_in, b_in, w_out or b_out) -> its experts' tensors in nn.Linear layout."""
+    if kind.startswith("w"):
+        return [tensor[e].t().contiguous() for e in range(count)]
+    return [piece.clone() for piece in tensor.view(count, -1)]
+
+
+def join_stacked(kind: str, pieces: list[torch.Tensor]) -> torch.Tensor:
+    """The inverse of split_stacked."""
+    return torch.stack([piece.t() for piece in pieces]) if kind.startswith("w") else torch.cat(pieces)
+
+
+def segments(counts: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, start, end) of every non-empty segment."""
+    result, start = [], 0
+    for expert, count in enumerate(counts):
+        if count:
+            result.append((expert, start, start + count))
+        start += count
+    return result
+
+
+class GradientMemory:
+    """Reuses the memory of a large weight gradient across steps, once nothing else holds it.
+
+    On CPU, glibc serves allocations over 32 MB with fresh mmap pages, so a stacked expert gradient
+    (E * d * d_ff floats: 64 MB at E=64, d=256, d_ff=1024) costs ~40 ms of page faults per step, more than
+    its GEMMs. The memory is handed out again only when the optimizer, engine or user no longer holds the
+    previous gradient (zero_grad, or ZeRO moving it into its buckets); otherwise a fresh tensor is made.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: list[torch.Tensor] = []
+
+    def empty_like(self, weight: torch.Tensor) -> torch.Tensor:
+        for buffer in self.buffers:
+            if buffer.shape == weight.shape and buffer.dtype == weight.dtype and _only_here(buffer):
+                return buffer.view(buffer.shape)  # a new tensor over the same memory
+        buffer = torch.empty_like(weight)
+        self.buffers = [*self.buffers[-1:], buffer]  # two suffice: the .grad in use and an accumulation one
+        return buffer.view(buffer.shape)
+
+
+def _only_here(buffer: torch.Tensor) -> bool:
+    """True when no tensor but `buffer` itself uses its storage (its own reference and the storage handle)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return use_count is not None and use_count(buffer.untyped_storage()._cdata) <= 2
+
+
+class SegmentFFN(torch.autograd.Function):
+    """Expert FFN segment by segment, forward and backward in one Function: no per-expert autograd nodes,
+    no padding; each segment's GEMM -> GELU -> GEMM runs while its hidden rows are still in cache."""
+
+    @staticmethod
+    def forward(ctx: Any, x, counts, w_in, b_in, w_out, b_out, memory) -> torch.Tensor:
+        spans = segments(counts)
+        hidden = x.new_empty((x.shape[0], w_in.shape[2]))
+        act, y = torch.empty_like(hidden), torch.empty_like(x)
+        for e, lo, hi in spans:
+            torch.addmm(b_in[e], x[lo:hi], w_in[e], out=hidden[lo:hi])
+            torch.ops.aten.gelu.out(hidden[lo:hi], approximate="tanh", out=act[lo:hi])
+            torch.addmm(b_out[e], act[lo:hi], w_out[e], out=y[lo:hi])
+        ctx.save_for_backward(x, hidden, act, w_in, w_out)
+        ctx.spans, ctx.memory = spans, memory or (None, None)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor):
+        x, hidden, act, w_in, w_out = ctx.saved_tensors
+        grad_y, grad_x, grad_hidden = grad_y.contiguous(), torch.empty_like(x), torch.empty_like(hidden)
+        (grad_w_in, grad_b_in), (grad_w_out, grad_b_out) = (
+            weight_grads(w, memory, ctx.spans) for w, memory in zip((w_in, w_out), ctx.memory, strict=True)
+        )
+        for e, lo, hi in ctx.spans:
+            rows = slice(lo, hi)
+            torch.mm(grad_y[rows], w_out[e].t(), out=grad_hidden[rows])  # d act, made d hidden in place below
+            torch.mm(act[rows].t(), grad_y[rows], out=grad_w_out[e])
+            torch.sum(grad_y[rows], dim=0, out=grad_b_out[e])
+            torch.ops.aten.gelu_backward.grad_input(
+                grad_hidden[rows], hidden[rows], approximate="tanh", grad_input=grad_hidden[rows]
+            )
+            torch.mm(grad_hidden[rows], w_in[e].t(), out=grad_x[rows])
+            torch.mm(x[rows].t(), grad_hidden[rows], out=grad_w_in[e])
+            torch.sum(grad_hidden[rows], dim=0, out=grad_b_in[e])
+        return grad_x, None, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None
+
+
+def weight_grads(weight: torch.Tensor, memory: GradientMemory | None, spans) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised weight and bias gradient buffers, zero for the experts no segment will write."""
+    grad_w = memory.empty_like(weight) if memory is not None else torch.empty_like(weight)
+    grad_b = weight.new_zeros((weight.shape[0], weight.shape[2]))
+    idle = sorted(set(range(weight.shape[0])) - {e for e, _, _ in spans})
+    if idle:
+        grad_w[idle] = 0
+    return grad_w, grad_b
+
+
+def run_segments(x, counts, w_in, b_in, w_out, b_out, memory=None) -> torch.Tensor:
+    return SegmentFFN.apply(x, counts, w_in, b_in, w_out, b_out, memory)
+
+
+def run_grouped_mm(x, counts, w_in, b_in, w_out, b_out, memory=None) -> torch.Tensor:
+    offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=x.device), torch.tensor(counts, device=x.device))
+    hidden = torch._grouped_mm(x, w_in, offs=offsets) + b_in.index_select(0, owner)
+    act = F.gelu(hidden, approximate="tanh")
+    return torch._grouped_mm(act, w_out, offs=offsets) + b_out.index_select(0, owner)
+
+
+def run_padded(x, counts, w_in, b_in, w_out, b_out, memory=None) -> torch.Tensor:
+    width = max(counts, default=0)
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=x.device), torch.tensor(counts, device=x.device))
+    starts = torch.tensor([0, *counts[:-1]], device=x.device).cumsum(0)
+    slot = owner * width + torch.arange(x.shape[0], device=x.device) - starts[owner]
+    padded = x.new_zeros((len(counts) * width, x.shape[1])).index_copy(0, slot, x).view(len(counts), width, -1)
+    act = F.gelu(torch.baddbmm(b_in.unsqueeze(1), padded, w_in), approximate="tanh")
+    out = torch.baddbmm(b_out.unsqueeze(1), act, w_out)
+    return out.view(-1, x.shape[1]).index_select(0, slot)
+
+
+RUNNERS = {"segments": run_segments, "grouped_mm": run_grouped_mm, "padded": run_padded}
