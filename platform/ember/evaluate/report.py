@@ -196,7 +196,9 @@ def summary(report: dict[str, Any]) -> list[str]:
              f"{len(report['seeds'])} seeds vs {report['held_out']} held-out digits"]
     for row in report["results"]:
         guidance = f" guidance {row['guidance']:g}" if row["guidance"] is not None else ""
-        accuracy = f"  accuracy {row['accuracy']['mean']:.1%} +- {row['accuracy']['std']:.1%}" if "accuracy" in row else ""
+        accuracy = ""
+        if "accuracy" in row:
+            accuracy = f"  accuracy {row['accuracy']['mean']:.1%} +- {row['accuracy']['std']:.1%}"
         lines.append(f"  {row['model']}{guidance}: FD {row['fd']['mean']:.2f} +- {row['fd']['std']:.2f}{accuracy}")
     ref = report["reference"]["fd"]
     lines.append(f"  real train digits (floor): FD {ref['mean']:.2f} +- {ref['std']:.2f}")
