@@ -52,7 +52,7 @@ def format_event(event: dict[str, Any]) -> str:
         )
         return line + "".join(f"  {name} {event[name]:.4f}" for name in EXTRA_LOSSES if name in event)
     if kind == "eval":
-        return f"step {event['step']:>6}  held-out loss {event['val_loss']:.4f} nats/token"
+        return f"step {event['step']:>6}  held-out loss {event['val_loss']:.4f} {event.get('unit', 'nats/token')}"
     if kind == "checkpoint":
         if event.get("background"):
             return f"step {event['step']:>6}  checkpoint saved, committing in the background: {event['path']}"

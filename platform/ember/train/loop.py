@@ -137,7 +137,7 @@ class Trainer:
         batches.close()
         val_loss = self.all_reduce_mean(total).item()
         self.tensorboard.scalars(self.step, {"loss": val_loss}, prefix="val/")
-        self.reporter.emit("eval", step=self.step, val_loss=val_loss)
+        self.reporter.emit("eval", step=self.step, val_loss=val_loss, unit=self.objective.loss_unit)
         self.metrics["val_loss"] = val_loss
 
     def log_skipped_samples(self) -> None:

@@ -36,6 +36,7 @@ class Objective(Protocol):
     parts: ModelParts
     items_per_step: int  # tokens (text) or images per optimizer step, for the throughput line
     throughput_name: str  # "tokens_per_s" | "images_per_s"
+    loss_unit: str  # how the console names the held-out loss
 
     def train_step(self, next_batch: NextBatch, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Optimizer step `step` (0-based) of every engine. Returns (per-rank means to average over ranks,

@@ -164,6 +164,7 @@ class DiffusionObjective:
     """One denoiser, one engine, an EMA copy; samples come from the EMA copy (what `ember eval` scores)."""
 
     throughput_name = "images_per_s"
+    loss_unit = "(EMA denoiser MSE)"
 
     def __init__(self, spec, world: World) -> None:
         self.spec, self.world, self.model_spec = spec, world, spec.model

@@ -2,8 +2,9 @@
 
 Two networks, two engines (each with its own optimizer, LR schedule and engine settings), one step:
 first D on real vs detached fakes (+ R1 every `r1_interval` steps, scaled by the interval, as StyleGAN2
-does), then G through a frozen D. D's weights are frozen during G's step by `requires_grad_(False)` on
-the unwrapped module, so G's backward leaves no gradient in D that D's engine would then reduce.
+does, in the same backward), then G through a frozen D. D's weights are frozen during G's step by
+`requires_grad_(False)` on the unwrapped module, so G's backward leaves no gradient in D that D's engine
+would then reduce.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def r1_penalty(real_scores: torch.Tensor, real_images: torch.Tensor) -> torch.Te
 
 class GANObjective:
     throughput_name = "images_per_s"
+    loss_unit = "(D loss, reals vs EMA-G fakes)"
 
     def __init__(self, spec, world: World) -> None:
         self.spec, self.world, self.model_spec = spec, world, spec.model
@@ -92,13 +94,15 @@ class GANObjective:
         """D's loss on one micro-batch: reals and fresh fakes in one forward, + lazy R1 when due."""
         with torch.no_grad():
             fakes = self.g.module(self.latents(len(real)), labels)
-        real = real.detach().requires_grad_(regularise)
         both = None if labels is None else torch.cat([labels, labels])
         real_scores, fake_scores = self.d.forward(torch.cat([real, fakes]), both).float().chunk(2)
         loss = discriminator_loss(real_scores, fake_scores)
         r1 = torch.zeros((), device=real.device)
         if regularise:
-            r1 = r1_penalty(real_scores, real)
+            # Its own forward through the unwrapped D: DeepSpeed forbids autograd.grad through its forward's
+            # output; the penalty's gradient still reaches D's weights in the engine's backward below.
+            real = real.detach().requires_grad_(True)
+            r1 = r1_penalty(self.d.module(real, labels).float(), real)
             loss = loss + 0.5 * self.model_spec.r1_gamma * self.model_spec.r1_interval * r1
         return loss, r1
 

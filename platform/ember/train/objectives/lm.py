@@ -32,6 +32,7 @@ class LanguageModelObjective:
     """A GPT over bytes (text) or image tokens (a class token, then one token per pixel: DALL-E's idea)."""
 
     throughput_name = "tokens_per_s"
+    loss_unit = "nats/token"
 
     def __init__(self, spec, world: World) -> None:
         self.spec, self.world = spec, world
