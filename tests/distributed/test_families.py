@@ -4,6 +4,7 @@ uninterrupted run in every checkpointed tensor: both networks, both optimizers, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -22,7 +24,7 @@ from tests.helpers.distributed import free_port
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]
-STEPS, EVERY = 12, 4
+STEPS, EVERY = 24, 4
 FAMILIES = {
     "diffusion": ("tiny-diffusion", []),  # DDP
     # DeepSpeed for both networks, each with its own ZeRO stage: two DeepSpeed engines in one process.
@@ -65,19 +67,31 @@ def runs(request, digits: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     killed = root / "killed"
     process = subprocess.Popen(command(family, killed, digits), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env=ENV, start_new_session=True)
+                               env=ENV)
     try:
         deadline = time.monotonic() + 300
         while not (killed / "checkpoints" / f"step_{EVERY:06d}").is_dir():
             assert process.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
+        # torchrun starts its workers in their own sessions: kill the launcher and every descendant.
+        victims = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         process.wait()
+        psutil.wait_procs([p for p in map(_process, victims) if p is not None], timeout=30)
     interrupted = not any(e["kind"] == "done" for e in events(killed))
     resumed = subprocess.run(command(family, killed, digits), capture_output=True, text=True, env=ENV, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     return {"family": family, "reference": reference, "killed": killed, "interrupted": interrupted}
+
+
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
 
 
 def test_diffusion_loss_falls_and_gan_trains_without_nan_with_r1(runs) -> None:
