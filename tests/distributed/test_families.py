@@ -141,6 +141,9 @@ def assert_same(got: Any, expected: Any, where: str) -> None:
         assert len(got) == len(expected), where
         for index, (mine, theirs) in enumerate(zip(got, expected, strict=True)):
             assert_same(mine, theirs, f"{where}[{index}]")
+    elif hasattr(expected, "__dict__") and not isinstance(expected, type):  # e.g. DeepSpeed's LossScaler
+        assert type(got) is type(expected), where
+        assert_same(vars(got), vars(expected), where)
     else:
         assert got == expected, (where, got, expected)
 
