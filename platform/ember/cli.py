@@ -156,6 +156,35 @@ def data_inspect(
         console.print(f"wrote a grid of {count} images to {grid}", markup=False)
 
 
+def _numbers(text: str | None, kind: type, option: str) -> list | None:
+    if text is None:
+        return None
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"{option} {text}: give comma-separated {kind.__name__}s, e.g. {option} 1,2") from None
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (runs/<name>) of a diffusion, GAN or image-GPT job.")],
+    n: Annotated[int, typer.Option("--n", min=10, help="Samples per seed.")] = 1000,
+    seeds: Annotated[str | None, typer.Option(help="Sampling seeds, comma-separated [0,1,2].")] = None,
+    guidance: Annotated[str | None, typer.Option(help="Diffusion: guidance scales, comma-separated.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Report file [RUN_DIR/eval.json].")] = None,
+) -> None:
+    """Score samples: Frechet distance to held-out digits in a digits classifier's features, and class accuracy."""
+    from ember.evaluate.report import evaluate_run, summary
+
+    if not (run_dir / "checkpoints").is_dir() and not (run_dir / "manifest.json").is_file():
+        raise UserError(f"{run_dir}: not a run folder (no checkpoints/); pass runs/<name>")
+    report = evaluate_run(
+        run_dir, EMBER_HOME / "cache", n, _numbers(seeds, int, "--seeds"), _numbers(guidance, float, "--guidance"), out
+    )
+    console.print("\n".join(summary(report)), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"report: {out or run_dir / 'eval.json'}", markup=False)
+
+
 @ckpt_app.command("list")
 def ckpt_list(run_dir: Annotated[Path, typer.Argument(help="Run folder (runs/<name>).")]) -> None:
     """List committed checkpoints, newest first, with whether they verify."""
@@ -218,7 +247,8 @@ def moe_stats(
     console.print(format_table(rows), markup=False, highlight=False, soft_wrap=True)
 
 
-STATE_DIR = Path(os.environ.get("EMBER_HOME", Path.home() / ".ember")) / "clusters"
+EMBER_HOME = Path(os.environ.get("EMBER_HOME", Path.home() / ".ember"))
+STATE_DIR = EMBER_HOME / "clusters"
 AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray dashboard, e.g. http://127.0.0.1:8265.")]
 
 

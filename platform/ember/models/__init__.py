@@ -2,6 +2,24 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from ember.models.gpt import GPT, ModelOutput, build_model
 
-__all__ = ["GPT", "ModelOutput", "build_model"]
+
+def build_denoiser(spec) -> nn.Module:
+    """The diffusion family's noise predictor (a DiffusionSpec picks the backbone)."""
+    from ember.models.dit import DiT
+    from ember.models.unet import UNet
+
+    return DiT(spec) if spec.backbone == "dit" else UNet(spec)
+
+
+def build_gan(spec) -> tuple[nn.Module, nn.Module]:
+    """(generator, discriminator) of a GANSpec, built in that order (so one seed fixes both)."""
+    from ember.models.gan import Discriminator, Generator
+
+    return Generator(spec), Discriminator(spec)
+
+
+__all__ = ["GPT", "ModelOutput", "build_denoiser", "build_gan", "build_model"]

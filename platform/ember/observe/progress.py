@@ -36,16 +36,23 @@ class Reporter:
             print(format_event(event), flush=True)
 
 
+EXTRA_LOSSES = ("aux_loss", "g_loss", "r1")  # MoE balance; GAN generator loss and R1 penalty
+
+
 def format_event(event: dict[str, Any]) -> str:
     kind = event["kind"]
     if kind == "log":
+        rate = (
+            f"tokens/s {event['tokens_per_s']:,.0f}" if "tokens_per_s" in event
+            else f"images/s {event.get('images_per_s', 0.0):,.1f}"
+        )
         line = (
             f"step {event['step']:>6}/{event['total']}  loss {event['loss']:.4f}  lr {event['lr']:.2e}  "
-            f"grad_norm {event['grad_norm']:.3f}  tokens/s {event['tokens_per_s']:,.0f}"
+            f"grad_norm {event['grad_norm']:.3f}  {rate}"
         )
-        return line + (f"  aux {event['aux_loss']:.4f}" if "aux_loss" in event else "")
+        return line + "".join(f"  {name} {event[name]:.4f}" for name in EXTRA_LOSSES if name in event)
     if kind == "eval":
-        return f"step {event['step']:>6}  held-out loss {event['val_loss']:.4f} nats/token"
+        return f"step {event['step']:>6}  held-out loss {event['val_loss']:.4f} {event.get('unit', 'nats/token')}"
     if kind == "checkpoint":
         if event.get("background"):
             return f"step {event['step']:>6}  checkpoint saved, committing in the background: {event['path']}"
@@ -54,6 +61,8 @@ def format_event(event: dict[str, Any]) -> str:
         return f"resuming from {event['path']} (step {event['step']})"
     if kind == "sample":
         return f"sample after {event['step']} steps:\n{event['text']}"
+    if kind == "sample_grid":
+        return f"step {event['step']:>6}  sample grid: {event['path']}"
     if kind == "preempted":
         return f"step {event['step']:>6}  preempted: checkpoint committed, stopping (run again to resume)"
     if kind == "skipped_checkpoint":

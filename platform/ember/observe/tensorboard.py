@@ -37,6 +37,11 @@ class TensorBoardLogger:
             bucket_counts=heights.tolist(), global_step=step,
         )
 
+    def image(self, step: int, name: str, grid) -> None:
+        """A uint8 [H, W, C] picture (a sample grid)."""
+        if self._writer is not None:
+            self._writer.add_image(name, grid, global_step=step, dataformats="HWC")
+
     def text(self, step: int, name: str, value: str) -> None:
         if self._writer is not None:
             self._writer.add_text(name, value, global_step=step)

@@ -40,3 +40,32 @@ def pick_token(logits: torch.Tensor, temperature: float, top_k: int | None, gene
 
 def decode_bytes(tokens: list[int]) -> str:
     return bytes(t for t in tokens if 0 < t < 256).decode("utf-8", errors="replace")
+
+
+@torch.no_grad()
+def sample_image_tokens(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    classes: torch.Tensor,
+    seq_len: int,
+    levels: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Square grey images from an image-token GPT, one per class in `classes`, as [B, 1, H, W] in [-1, 1].
+
+    Row layout (data.decode=image_tokens): token `levels + class` first, then seq_len pixel tokens; only the
+    grey-level tokens are allowed when sampling pixels.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    tokens = (classes.long() + levels).view(-1, 1).to(device)
+    for _ in range(seq_len):
+        logits = forward(tokens)[:, -1, :levels].float().cpu()
+        if temperature <= 0:
+            picked = logits.argmax(dim=-1, keepdim=True)
+        else:
+            picked = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator)
+        tokens = torch.cat([tokens, picked.to(device)], dim=1)
+    side = int(round(seq_len**0.5))
+    pixels = tokens[:, 1:].float().cpu() / (levels - 1)
+    return (pixels * 2 - 1).view(-1, 1, side, side)

@@ -64,6 +64,7 @@ class JobSpec(Section):
             )
         if self.engine.precision == "fp16" and not isinstance(self.engine, DeepSpeedSpec):
             raise ValueError("engine.precision=fp16 needs engine.kind=deepspeed (loss scaling); use bf16 instead")
+        check_image_family(self)
         return self
 
     # Derived quantities: the single place the batch arithmetic lives.
@@ -121,8 +122,23 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
+def check_image_family(spec: JobSpec) -> None:
+    """Diffusion and GAN read float images; a GAN's two engines cannot be ZeRO-3 (D's weights must be whole
+    while G trains through it)."""
+    family = spec.model.family
+    if family == "gpt":
+        return
+    if spec.data.decode != "image":
+        raise ValueError(f"model.family={family} reads images: set data.decode=image")
+    if family == "gan":
+        for name in ("generator", "discriminator"):
+            engine = getattr(spec.model, name).engine or spec.engine
+            if isinstance(engine, DeepSpeedSpec) and engine.zero_stage == 3:
+                raise ValueError(f"model.{name}.engine: zero_stage 3 is not supported for a GAN; use 0, 1 or 2")
+
+
 # Discriminated unions put the chosen tag into error locations; users think in field paths.
-UNION_TAGS = ("deepspeed", "ddp", "fsdp", "fairscale", "gpt", "text", "images")
+UNION_TAGS = ("deepspeed", "ddp", "fsdp", "fairscale", "gpt", "diffusion", "gan", "text", "images")
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

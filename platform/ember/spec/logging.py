@@ -14,3 +14,5 @@ class LoggingSpec(Section):
     sample_prompt: str = Field("def ", description="Prompt of the text sample generated at the end.")
     sample_tokens: int = Field(200, ge=0, description="Tokens to generate at the end; 0 disables.")
     sample_temperature: float = Field(0.8, ge=0, description="Sampling temperature; 0 is greedy.")
+    sample_every: int = Field(0, ge=0, description="Image families: a sample grid every N steps (0: at the end only).")
+    sample_rows: int = Field(8, ge=0, description="Rows of the sample grid (one column per class); 0 disables.")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from ember.spec.base import Section
+from ember.spec.generative import DiffusionSpec, GANSpec
 
 
 class MoESpec(Section):
@@ -115,4 +116,13 @@ class GPTSpec(Section):
         return self.d_ff or 4 * self.d_model
 
 
-ModelSpec = GPTSpec
+def _family(raw: Any) -> str:
+    """`family` picks the model; a section without one is a gpt, as before other families existed."""
+    family = raw.get("family", "gpt") if isinstance(raw, dict) else getattr(raw, "family", "gpt")
+    return family if isinstance(family, str) else "gpt"
+
+
+ModelSpec = Annotated[
+    Annotated[GPTSpec, Tag("gpt")] | Annotated[DiffusionSpec, Tag("diffusion")] | Annotated[GANSpec, Tag("gan")],
+    Discriminator(_family),
+]

@@ -16,15 +16,13 @@ from ember.checkpoint.manager import CheckpointManager, Retention, read_state
 from ember.checkpoint.placement import expert_placement, gather_hosts
 from ember.data.cursor import merge_states
 from ember.data.loader import build_stream
-from ember.engines import build_engine
 from ember.errors import UserError
-from ember.models import build_model
+from ember.observe.images import save_png
 from ember.observe.moe_stats import log_routing, mean_over_ranks, routing_stats
 from ember.observe.progress import Reporter
 from ember.observe.tensorboard import TensorBoardLogger
-from ember.serve.sampling import decode_bytes, sample_tokens
 from ember.spec import JobSpec
-from ember.train.objectives.lm import lm_loss, split_batch
+from ember.train.objectives.base import build_objective
 from ember.train.preemption import PreemptionWatch
 from ember.world import World, world_from_env
 
@@ -51,8 +49,7 @@ class Trainer:
     def __init__(self, spec: JobSpec, world: World, run_dir: Path, reporter: Reporter) -> None:
         self.spec, self.world, self.run_dir, self.reporter = spec, world, run_dir, reporter
         seed_everything(spec.schedule.seed)
-        self.model = build_model(spec.model, ep_rank=world.ep_rank, seed=spec.schedule.seed).to(world.device)
-        self.engine = build_engine(spec, self.model, world)
+        self.objective = build_objective(spec, world)  # the family's models, engines (one per network) and EMA
         self.train_stream = build_stream(spec.data, spec.model, spec.schedule.micro_batch, world.rank, world.world_size)
         self.batches = iter(self.train_stream)
         self.preemption = PreemptionWatch(run_dir, world)
@@ -82,6 +79,7 @@ class Trainer:
             "start", step=self.step, total=total, world_size=self.world.world_size, device=str(self.world.device)
         )
         window_start, window_steps = time.perf_counter(), 0
+        rate = self.objective.throughput_name
         while self.step < total:
             stats = self.train_step()
             self.step += 1
@@ -90,16 +88,19 @@ class Trainer:
             self.reporter.emit("step", step=self.step, loss=stats["loss"])
             if self.step % self.spec.logging.log_every == 0 or self.step == total:
                 elapsed = time.perf_counter() - window_start
-                stats["tokens_per_s"] = window_steps * self.tokens_per_step / max(elapsed, 1e-9)
-                self.tensorboard.scalars(self.step, {"tokens_per_s": stats["tokens_per_s"]}, prefix="train/")
+                stats[rate] = window_steps * self.objective.items_per_step / max(elapsed, 1e-9)
+                self.tensorboard.scalars(self.step, {rate: stats[rate]}, prefix="train/")
                 self.reporter.emit("log", step=self.step, total=total, **stats)
-                self.metrics.update(loss=stats["loss"], tokens_per_s=stats["tokens_per_s"])
+                self.metrics.update(loss=stats["loss"], **{rate: stats[rate]})
                 self.log_skipped_samples()
                 self.log_routing()
                 window_start, window_steps = time.perf_counter(), 0
             self.maybe_log_histograms()
             if self.step % self.spec.schedule.eval_every == 0 or self.step == total:
                 self.evaluate()
+            every = self.spec.logging.sample_every
+            if every and self.step % every == 0 and self.step < total:
+                self.log_sample()
             saved = self.step % self.spec.checkpoint.every_n_steps == 0 or self.step == total
             if saved:
                 self.save()
@@ -108,31 +109,17 @@ class Trainer:
                     self.save()
                 return self.stop_preempted()
         self.checkpoints.wait()
-        self.generate_sample()
+        self.log_sample()
         self.tensorboard.close()
         self.metrics["step"] = self.step
         self.reporter.emit("done", metrics=self.metrics)
         return self.metrics
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.spec.global_batch * self.spec.model.seq_len
-
     def train_step(self) -> dict[str, float]:
-        """One optimizer step: forward/backward over the accumulation micro-batches, then step."""
-        aux_weight = self.spec.model.moe.aux_loss_weight if self.spec.model.moe else 0.0
-        totals = torch.zeros(2, dtype=torch.float64, device=self.world.device)
-        for _ in range(self.spec.grad_accumulation):
-            inputs, targets = split_batch(next(self.batches).to(self.world.device, non_blocking=True))
-            loss, parts = lm_loss(self.engine.forward(inputs), targets, aux_weight)
-            self.engine.backward(loss)
-            totals += torch.stack([parts["ce"], parts["aux_loss"]]).double()
-        grad_norm = self.engine.step()
-        totals = self.all_reduce_mean(totals / self.spec.grad_accumulation)
-        stats = {"loss": totals[0].item(), "grad_norm": float(grad_norm), "lr": self.engine.lr()}
-        if self.spec.model.moe:
-            stats["aux_loss"] = totals[1].item()
-        return stats
+        """One optimizer step of the family's objective; its losses averaged over ranks in one all-reduce."""
+        means, host = self.objective.train_step(lambda: next(self.batches), self.step)
+        reduced = self.all_reduce_mean(torch.stack([value.double().reshape(()) for value in means.values()]))
+        return {name: reduced[i].item() for i, name in enumerate(means)} | host
 
     def all_reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
         """Mean over ranks, returned on the host (one sync per call)."""
@@ -148,16 +135,11 @@ class Trainer:
         # Every rank reads the same held-out rows: a val set is small (often one shard) and MoE ranks
         # must run their forward passes in lockstep anyway.
         batches = build_stream(self.spec.data, self.spec.model, self.spec.schedule.micro_batch, 0, 1, split="val")
-        self.engine.module.eval()
-        total = torch.zeros(1, dtype=torch.float64, device=self.world.device)
-        for _ in range(self.spec.schedule.eval_batches):
-            inputs, targets = split_batch(next(batches).to(self.world.device))
-            _, parts = lm_loss(self.engine.forward(inputs), targets, 0.0)
-            total += parts["ce"].double()
-        self.engine.module.train()
-        val_loss = self.all_reduce_mean(total / self.spec.schedule.eval_batches).item()
+        total = self.objective.eval_loss(lambda: next(batches), self.spec.schedule.eval_batches)
+        batches.close()
+        val_loss = self.all_reduce_mean(total).item()
         self.tensorboard.scalars(self.step, {"loss": val_loss}, prefix="val/")
-        self.reporter.emit("eval", step=self.step, val_loss=val_loss)
+        self.reporter.emit("eval", step=self.step, val_loss=val_loss, unit=self.objective.loss_unit)
         self.metrics["val_loss"] = val_loss
 
     def log_skipped_samples(self) -> None:
@@ -170,16 +152,21 @@ class Trainer:
 
     def log_routing(self) -> None:
         """Per MoE layer: expert load, drops, losses, entropy of the last micro-batch, averaged over ranks."""
-        stats = mean_over_ranks(routing_stats(self.engine.module))
+        stats = {}
+        for engine in self.objective.engines.values():
+            stats.update(routing_stats(engine.module))
+        stats = mean_over_ranks(stats)
         if stats and self.world.is_main:
             log_routing(self.tensorboard, self.step, stats)
 
     def maybe_log_histograms(self) -> None:
         every = self.spec.logging.histograms_every
         if every and self.step % every == 0 and self.world.is_main:
-            for name, param in self.engine.module.named_parameters():
-                if param.numel():
-                    self.tensorboard.histogram(self.step, f"weights/{name}", param)
+            for model, engine in self.objective.engines.items():
+                prefix = "weights/" if len(self.objective.engines) == 1 else f"weights/{model}/"
+                for name, param in engine.module.named_parameters():
+                    if param.numel():
+                        self.tensorboard.histogram(self.step, f"{prefix}{name}", param)
 
     def save(self) -> None:
         cursors = [None] * self.world.world_size
@@ -189,7 +176,7 @@ class Trainer:
         else:
             cursors = [state]
         shared = {"data": merge_states(cursors), "world_size": self.world.world_size}
-        saved = self.checkpoints.save(self.step, self.engine, shared, {"rng": rng_state()})
+        saved = self.checkpoints.save(self.step, self.objective.parts, shared, {"rng": rng_state()})
         self.tensorboard.scalars(self.step, {"stall_s": saved.stall_s}, prefix="checkpoint/")
         self.reporter.emit("checkpoint", step=self.step, path=str(saved.path), stall_s=saved.stall_s,
                            background=self.spec.checkpoint.async_save)
@@ -210,12 +197,12 @@ class Trainer:
             return
         state = read_state(path)
         saved_world = state["world_size"]
-        if saved_world != self.world.world_size and not self.engine.reshards_on_load:
+        if saved_world != self.world.world_size and not self.objective.parts.reshards_on_load:
             raise UserError(
                 f"{path} was saved by {saved_world} workers, this run has {self.world.world_size}, and engine "
                 f"{self.spec.engine.kind} cannot reshard its checkpoint; set cluster.num_workers={saved_world}"
             )
-        self.engine.load(path / "engine")
+        self.objective.parts.load(path / "engine")
         self.train_stream.load_state(state["data"])  # slots keep their positions on any world size
         self.batches = iter(self.train_stream)
         rank_file = path / f"rank_{self.world.rank:05d}.pt"
@@ -238,27 +225,22 @@ class Trainer:
             raise UserError(f"checkpoint.resume: {path} is not a committed checkpoint folder (no manifest.json)")
         return path
 
-    def generate_sample(self) -> None:
-        """Every rank generates (MoE layers exchange tokens), rank 0 reports the text."""
-        log = self.spec.logging
-        if log.sample_tokens == 0:
+    def log_sample(self) -> None:
+        """Every rank samples (MoE layers exchange tokens); rank 0 reports text, or writes the image grid to
+        TensorBoard and samples/step_NNNNNN.png."""
+        sample = self.objective.sample(seed=self.spec.schedule.seed)
+        if sample is None:
             return
-        self.engine.module.eval()
-        tokens = sample_tokens(
-            lambda ids: self.engine.forward(ids).logits,
-            list(log.sample_prompt.encode()),
-            log.sample_tokens,
-            self.spec.model.seq_len,
-            log.sample_temperature,
-            top_k=None,
-            seed=self.spec.schedule.seed,
-            device=self.world.device,
-        )
-        self.engine.module.train()
-        text = log.sample_prompt + decode_bytes(tokens)
-        self.tensorboard.text(self.step, "sample", text)
-        self.reporter.emit("sample", step=self.step, text=text)
-        self.metrics["sample"] = text
+        if sample.text is not None:
+            self.tensorboard.text(self.step, "sample", sample.text)
+            self.reporter.emit("sample", step=self.step, text=sample.text)
+            self.metrics["sample"] = sample.text
+        if sample.grid is not None and self.world.is_main:
+            path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
+            save_png(sample.grid, path)
+            self.tensorboard.image(self.step, "samples", sample.grid)
+            self.reporter.emit("sample_grid", step=self.step, path=str(path))
+            self.metrics["sample_grid"] = str(path)
 
 
 def code_version() -> str:

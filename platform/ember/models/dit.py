@@ -1,0 +1,62 @@
+"""A small DiT (Peebles & Xie): patchify, transformer blocks with adaLN-Zero conditioning on (timestep,
+class), unpatchify. Plain torch; same call signature as the U-Net: model(x_t, t, labels)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember.models.unet import ConditionEmbedding
+from ember.spec.generative import DiffusionSpec
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, width: int, heads: int, cond_dim: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width))
+        self.modulation = nn.Linear(cond_dim, 6 * width)
+        nn.init.zeros_(self.modulation.weight)  # adaLN-Zero: every block starts as the identity
+        nn.init.zeros_(self.modulation.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(cond))[:, None].chunk(6, dim=2)
+        h = self.norm1(x) * (1 + scale1) + shift1
+        batch, length, width = h.shape
+        q, k, v = (t.view(batch, length, self.heads, -1).transpose(1, 2) for t in self.qkv(h).split(width, dim=2))
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, length, width)
+        x = x + gate1 * self.proj(h)
+        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+
+
+class DiT(nn.Module):
+    def __init__(self, spec: DiffusionSpec) -> None:
+        super().__init__()
+        self.patch, self.channels = spec.patch_size, spec.channels
+        self.side = spec.image_size // spec.patch_size
+        width = spec.width
+        self.condition = ConditionEmbedding(width, spec.num_classes)
+        self.embed = nn.Conv2d(spec.channels, width, spec.patch_size, stride=spec.patch_size)
+        self.position = nn.Parameter(torch.randn(1, self.side**2, width) * 0.02)
+        self.blocks = nn.ModuleList(DiTBlock(width, spec.heads, 4 * width) for _ in range(spec.depth))
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.out = nn.Linear(width, spec.patch_size**2 * spec.channels)
+        self.final_modulation = nn.Linear(4 * width, 2 * width)
+        for layer in (self.out, self.final_modulation):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        cond = self.condition(t, labels)
+        h = self.embed(x).flatten(2).transpose(1, 2) + self.position
+        for block in self.blocks:
+            h = block(h, cond)
+        shift, scale = self.final_modulation(F.silu(cond))[:, None].chunk(2, dim=2)
+        h = self.out(self.norm(h) * (1 + scale) + shift)  # [B, patches, p * p * C]
+        batch, p, side = x.shape[0], self.patch, self.side
+        h = h.view(batch, side, side, p, p, self.channels).permute(0, 5, 1, 3, 2, 4)
+        return h.reshape(batch, self.channels, side * p, side * p)

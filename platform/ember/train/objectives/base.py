@@ -1,0 +1,102 @@
+"""What the one training loop needs from a model family, and the checkpoint part every family shares.
+
+An `Objective` owns its models, their engines (one per trained network: a GAN has two) and their EMA
+copies; the Trainer owns World, data, the checkpoint manager, logging and the step count. So the loop
+stays one loop and a family is one file in this folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from ember.checkpoint.io import save_file
+from ember.engines import Engine
+from ember.train.ema import EMA
+from ember.world import World
+
+NextBatch = Callable[[], Any]
+
+
+@dataclass
+class Sample:
+    """What a family shows of itself: text, or an image grid (uint8 [H, W, C])."""
+
+    text: str | None = None
+    grid: np.ndarray | None = None
+
+
+class Objective(Protocol):
+    engines: dict[str, Engine]
+    parts: ModelParts
+    items_per_step: int  # tokens (text) or images per optimizer step, for the throughput line
+    throughput_name: str  # "tokens_per_s" | "images_per_s"
+    loss_unit: str  # how the console names the held-out loss
+
+    def train_step(self, next_batch: NextBatch, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Optimizer step `step` (0-based) of every engine. Returns (per-rank means to average over ranks,
+        host floats such as the grad norm and learning rate)."""
+
+    def eval_loss(self, next_batch: NextBatch, batches: int) -> torch.Tensor:
+        """Mean held-out loss of this rank (a 1-element float64 tensor)."""
+
+    def sample(self, seed: int) -> Sample | None:
+        """What to show in TensorBoard and the console; None when the spec asks for nothing."""
+
+
+class ModelParts:
+    """A checkpoint's engine/ folder: one engine at the top (the layout `ember ckpt export` reads) or one
+    subfolder per engine, plus `ema.pt` with every EMA copy (identical on all ranks, so rank 0 writes it)."""
+
+    def __init__(self, engines: dict[str, Engine], emas: dict[str, EMA], world: World) -> None:
+        self.engines, self.emas, self.world = engines, emas, world
+
+    @property
+    def nested(self) -> bool:
+        return len(self.engines) > 1
+
+    @property
+    def reshards_on_load(self) -> bool:
+        return all(engine.reshards_on_load for engine in self.engines.values())
+
+    def folder_of(self, root: Path, name: str) -> Path:
+        return root / name if self.nested else root
+
+    def save(self, folder: Path) -> None:
+        """Collective, like Engine.save."""
+        for name, engine in self.engines.items():
+            target = self.folder_of(folder, name)
+            target.mkdir(parents=True, exist_ok=True)
+            engine.save(target)
+        if self.emas and self.world.is_main:
+            save_file({name: ema.state_dict() for name, ema in self.emas.items()}, folder / "ema.pt")
+        self.world.barrier()
+
+    def load(self, folder: Path) -> None:
+        for name, engine in self.engines.items():
+            engine.load(self.folder_of(folder, name))
+        if self.emas:
+            saved = torch.load(folder / "ema.pt", map_location=self.world.device, weights_only=False)
+            for name, ema in self.emas.items():
+                ema.load_state_dict(saved[name])
+
+
+def build_objective(spec, world: World) -> Objective:
+    """The family's objective, with its models built and wrapped in engines."""
+    family = spec.model.family
+    if family == "diffusion":
+        from ember.train.objectives.diffusion import DiffusionObjective
+
+        return DiffusionObjective(spec, world)
+    if family == "gan":
+        from ember.train.objectives.gan import GANObjective
+
+        return GANObjective(spec, world)
+    from ember.train.objectives.lm import LanguageModelObjective
+
+    return LanguageModelObjective(spec, world)

@@ -1,0 +1,142 @@
+"""Diffusion and GAN pieces on tiny models, against references: the noise schedules, the eps/v algebra,
+classifier-free guidance, seeded samplers, R1, the EMA, sample grids, and the spec's errors for the families."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ember.errors import UserError
+from ember.models import build_denoiser, build_gan
+from ember.observe.images import image_grid
+from ember.spec import JobSpec
+from ember.spec.generative import DiffusionSpec, GANSpec
+from ember.train.ema import EMA
+from ember.train.objectives.diffusion import build_schedule, drop_labels, guided, sample_images
+from ember.train.objectives.gan import r1_penalty
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_diffusion(**fields) -> DiffusionSpec:
+    base = {"family": "diffusion", "width": 8, "channel_mults": [1, 2], "blocks_per_level": 1, "timesteps": 50,
+            "sample_steps": 5}
+    return DiffusionSpec(**(base | fields))
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_schedules_lose_signal_monotonically(kind: str) -> None:
+    alpha_bar = build_schedule(tiny_diffusion(schedule=kind, timesteps=1000)).alpha_bar
+    assert (alpha_bar[1:] < alpha_bar[:-1]).all()
+    assert alpha_bar[0] > 0.99 and alpha_bar[-1] < 0.01
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_a_perfect_prediction_recovers_the_clean_image(prediction: str) -> None:
+    schedule = build_schedule(tiny_diffusion(prediction=prediction))
+    x0, eps = torch.randn(6, 1, 8, 8, dtype=torch.float64), torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    t = torch.tensor([0, 5, 10, 20, 40, 49])
+    signal, noise = schedule.coefficients(t, x0)
+    x_t = signal * x0 + noise * eps
+    target = eps if prediction == "eps" else signal * eps - noise * x0
+    got_eps, got_x0 = schedule.to_eps_and_x0(target, x_t, t)
+    torch.testing.assert_close(got_x0, x0)
+    torch.testing.assert_close(got_eps, eps)
+
+
+def test_guidance_one_is_the_conditional_model_and_other_scales_extrapolate() -> None:
+    def model(x, t, labels):
+        return x + labels.view(-1, 1, 1, 1).float()  # "conditional" output grows with the label
+
+    x, t, labels = torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long), torch.tensor([3, 5])
+    assert torch.equal(guided(model, labels, 10, 1.0)(x, t), model(x, t, labels))
+    uncond, cond = model(x, t, torch.full_like(labels, 10)), model(x, t, labels)
+    torch.testing.assert_close(guided(model, labels, 10, 3.0)(x, t), uncond + 3.0 * (cond - uncond))
+
+
+def test_label_dropout_maps_dropped_and_unlabelled_to_the_null_class() -> None:
+    labels = torch.tensor([0, 1, -1, 9] * 250)
+    dropped = drop_labels(labels, 10, 0.25, torch.Generator().manual_seed(0))
+    assert (dropped[labels == -1] == 10).all()
+    kept = labels >= 0
+    share = (dropped[kept] == 10).float().mean().item()
+    assert 0.2 < share < 0.3 and ((dropped == labels) | (dropped == 10)).all()
+
+
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_samplers_give_seeded_images_of_the_right_shape(backbone: str, sampler: str) -> None:
+    spec = tiny_diffusion(backbone=backbone, width=16, heads=2)
+    torch.manual_seed(0)
+    model = build_denoiser(spec).eval()
+    schedule, labels = build_schedule(spec), torch.arange(4)
+
+    def draw(seed: int) -> torch.Tensor:
+        return sample_images(model, schedule, (4, 1, 8, 8), labels, null_label=10, guidance=2.0, sampler=sampler,
+                             steps=5, seed=seed)
+
+    first, again, other = draw(1), draw(1), draw(2)
+    assert first.shape == (4, 1, 8, 8) and first.abs().max() <= 1.0
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_generators_are_seeded_and_discriminator_scores_one_number_per_image() -> None:
+    spec = GANSpec(family="gan", generator={"width": 8, "z_dim": 8}, discriminator={"width": 8})
+    torch.manual_seed(0)
+    generator, discriminator = build_gan(spec)
+    z, labels = torch.randn(5, 8, generator=torch.Generator().manual_seed(3)), torch.arange(5)
+    images = generator.eval()(z, labels)
+    assert images.shape == (5, 1, 8, 8) and torch.equal(images, generator(z, labels))
+    assert discriminator(images, labels).shape == (5,)
+
+
+def test_r1_matches_the_gradient_norm_of_a_linear_critic() -> None:
+    weights = torch.randn(1, 4, 4)
+    real = torch.randn(3, 1, 4, 4, requires_grad=True)
+    scores = (real * weights).flatten(1).sum(1)  # d score / d image = weights, for every image
+    torch.testing.assert_close(r1_penalty(scores, real), weights.square().sum())
+
+
+def test_ema_averages_weights_and_buffers_and_restores_from_its_state() -> None:
+    model = torch.nn.BatchNorm1d(3)
+    ema = EMA(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+        model.running_mean.fill_(2.0)
+    ema.update(model)
+    assert torch.equal(ema.module.weight, torch.full((3,), 2.0))  # 1 -> halfway to 3
+    assert torch.equal(ema.module.running_mean, torch.full((3,), 1.0))
+    copy = EMA(torch.nn.BatchNorm1d(3), decay=0.5)
+    copy.load_state_dict(ema.state_dict())
+    assert torch.equal(copy.module.weight, ema.module.weight) and copy.updates == 1
+
+
+def test_sample_grid_lays_images_out_row_major() -> None:
+    images = torch.stack([torch.full((1, 2, 2), v) for v in (-1.0, 1.0, 1.0)])
+    grid = image_grid(images, columns=2, tile=2, gap=1)
+    assert grid.shape == (6, 6, 1)
+    assert grid[0, 0, 0] == 0 and grid[0, 3, 0] == 255 and grid[3, 0, 0] == 255 and grid[2, 2, 0] == 255
+
+
+@pytest.mark.parametrize(
+    ("job", "override", "field"),
+    [
+        ("tiny-diffusion", "data.decode=text", "data.decode=image"),
+        ("tiny-diffusion", "model.sample_steps=500", "sample_steps"),
+        ("tiny-diffusion", "model.prediction=x0", "model.prediction"),
+        ("tiny-gan", "model.generator.widht=3", "model.generator.widht"),
+        ("tiny-gan", "model.discriminator.engine={kind: deepspeed, zero_stage: 3}", "zero_stage 3"),
+        ("tiny-gan", "model.r1_interval=0", "model.r1_interval"),
+    ],
+)
+def test_family_mistakes_are_user_errors_naming_the_field(job: str, override: str, field: str) -> None:
+    with pytest.raises(UserError, match=field.replace(".", r"\.")):
+        JobSpec.load(REPO / "jobs" / "debug" / f"{job}.yaml", [override])
+
+
+def test_example_jobs_validate_with_their_families() -> None:
+    families = {name: JobSpec.load(REPO / "jobs" / f"{name}.yaml").model.family
+                for name in ("diffusion-digits", "gan-digits", "image-gpt-digits")}
+    assert families == {"diffusion-digits": "diffusion", "gan-digits": "gan", "image-gpt-digits": "gpt"}
