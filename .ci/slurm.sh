@@ -38,15 +38,16 @@ SlurmdLogFile=/var/log/slurm/slurmd.log
 NodeName=$host CPUs=$(nproc) RealMemory=$memory State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
-    su -s /bin/sh munge -c "/usr/sbin/munged --pid-file=$state/munged.pid"
-    /usr/sbin/slurmctld
-    /usr/sbin/slurmd
+    # a daemon left from an earlier run on a reused machine is kept, not started twice
+    pgrep -x munged >/dev/null || su -s /bin/sh munge -c "/usr/sbin/munged --pid-file=$state/munged.pid"
+    pgrep -x slurmctld >/dev/null || /usr/sbin/slurmctld
+    pgrep -x slurmd >/dev/null || /usr/sbin/slurmd
     for _ in $(seq 1 30); do sinfo -h -o %T 2>/dev/null | grep -qE "idle|mixed" && exit 0; sleep 1; done
     echo "slurm did not come up" >&2; sinfo >&2 || true; exit 1
     ;;
   stop)
     for daemon in slurmd slurmctld munged; do
-      [ -f "$state/$daemon.pid" ] && kill "$(cat "$state/$daemon.pid")" 2>/dev/null || true
+      if [ -f "$state/$daemon.pid" ]; then kill "$(cat "$state/$daemon.pid")" 2>/dev/null || true; fi
     done
     ;;
 esac
