@@ -17,6 +17,7 @@ import torch
 
 from ember.checkpoint.io import save_file
 from ember.engines import Engine
+from ember.observe.images import image_grid
 from ember.train.ema import EMA
 from ember.world import World
 
@@ -29,6 +30,18 @@ class Sample:
 
     text: str | None = None
     grid: np.ndarray | None = None
+
+
+def class_grid(
+    generate: Callable[[torch.Tensor | None, int, int], torch.Tensor], num_classes: int, rows: int, seed: int
+) -> Sample | None:
+    """`rows` samples of every class, one column per class (one column of unconditional samples without
+    classes), from `generate(labels, count, seed)` of an image family."""
+    if rows == 0:
+        return None
+    columns = max(1, num_classes)
+    labels = torch.arange(columns).repeat(rows) if num_classes else None
+    return Sample(grid=image_grid(generate(labels, rows * columns, seed), columns=columns))
 
 
 class Objective(Protocol):

@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from ember.data.formats import ImageBatch
 from ember.engines import build_engine
 from ember.models import build_denoiser
-from ember.observe.images import image_grid
 from ember.spec.generative import DiffusionSpec
 from ember.train.ema import EMA
-from ember.train.objectives.base import ModelParts, NextBatch, Sample
+from ember.train.objectives.base import ModelParts, NextBatch, Sample, class_grid
 from ember.world import World
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -216,8 +215,4 @@ class DiffusionObjective:
         )
 
     def sample(self, seed: int) -> Sample | None:
-        rows, classes = self.spec.logging.sample_rows, max(1, self.model_spec.num_classes)
-        if rows == 0:
-            return None
-        labels = torch.arange(classes).repeat(rows) if self.model_spec.num_classes else None
-        return Sample(grid=image_grid(self.generate(labels, rows * classes, seed), columns=classes))
+        return class_grid(self.generate, self.model_spec.num_classes, self.spec.logging.sample_rows, seed)

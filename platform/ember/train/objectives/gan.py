@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from ember.data.formats import ImageBatch
 from ember.engines import Engine, build_engine
 from ember.models import build_gan
-from ember.observe.images import image_grid
 from ember.train.ema import EMA
-from ember.train.objectives.base import ModelParts, NextBatch, Sample
+from ember.train.objectives.base import ModelParts, NextBatch, Sample, class_grid
 from ember.world import World
 
 
@@ -132,8 +131,4 @@ class GANObjective:
         return images
 
     def sample(self, seed: int) -> Sample | None:
-        rows, classes = self.spec.logging.sample_rows, max(1, self.model_spec.num_classes)
-        if rows == 0:
-            return None
-        labels = torch.arange(classes).repeat(rows) if self.model_spec.num_classes else None
-        return Sample(grid=image_grid(self.generate(labels, rows * classes, seed), columns=classes))
+        return class_grid(self.generate, self.model_spec.num_classes, self.spec.logging.sample_rows, seed)
