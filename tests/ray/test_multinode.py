@@ -53,6 +53,12 @@ def test_expert_parallel_job_spans_two_nodes_and_survives_losing_one(tmp_path: P
                           *[p for s in sets for p in ("--set", s)], env=env)
         job = submitted.stdout.split("submitted ")[1].split()[0]
 
+        def status(job: str) -> str:
+            return ember("status", job, "--address", f"http://127.0.0.1:{port}", env=env).stdout.strip()
+
+        def logs(job: str) -> str:  # the job's own output, shown when an assertion about it fails
+            return ember("logs", job, "--address", f"http://127.0.0.1:{port}", env=env).stdout[-6000:]
+
         wait_for(lambda: any(e["kind"] == "step" and e["step"] >= 12 for e in events(run_dir)), 300, "step 12")
         latest = sorted((run_dir / "checkpoints").glob("step_*/manifest.json"))[-1]  # committed: manifest last
         manifest = json.loads(latest.read_text())
@@ -64,15 +70,11 @@ def test_expert_parallel_job_spans_two_nodes_and_survives_losing_one(tmp_path: P
         ember("down", "--name", node, env=env)  # the worker node's processes are gone
         before = len(events(run_dir))
         time.sleep(10)
-        assert ember("status", job, "--address", f"http://127.0.0.1:{port}", env=env).stdout.strip() == "RUNNING"
+        assert status(job) == "RUNNING", logs(job)
         ember("up", "--name", node, "--join", f"127.0.0.1:{gcs}", "--num-cpus", "1", env=env)
 
-        def finished() -> bool:
-            state = ember("status", job, "--address", f"http://127.0.0.1:{port}", env=env).stdout.strip()
-            return state in ("SUCCEEDED", "FAILED", "STOPPED")
-
-        wait_for(finished, 400, "the job to finish")
-        assert ember("status", job, "--address", f"http://127.0.0.1:{port}", env=env).stdout.strip() == "SUCCEEDED"
+        wait_for(lambda: status(job) in ("SUCCEEDED", "FAILED", "STOPPED"), 400, "the job to finish")
+        assert status(job) == "SUCCEEDED", logs(job)
         resumes = [e for e in events(run_dir)[before:] if e["kind"] == "resume"]
         assert resumes and resumes[0]["step"] % 5 == 0 and resumes[0]["step"] >= 10
         assert (run_dir / "checkpoints" / "step_000060" / "manifest.json").is_file()

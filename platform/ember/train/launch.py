@@ -38,9 +38,14 @@ def run_job(spec: JobSpec, verbose: bool = False, console: Console | None = None
         ensure_shards(spec.data)  # a remote cluster checks its own paths; locally, fail before Ray starts
     run_dir = prepare_run_dir(spec)
     with ray_session(spec, verbose):
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        queue = Queue(actor_options={"num_cpus": 0})
+        # The progress queue lives on the driver's node: were it placed on a worker node, losing that node
+        # would fail the whole job instead of letting Ray Train restart the workers.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         trainer = build_trainer(spec, run_dir, queue)
         with forward_preemption_signals(run_dir):
             metrics = fit_with_progress(trainer, queue, ProgressView(console))
