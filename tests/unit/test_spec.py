@@ -48,7 +48,7 @@ def test_input_paths_resolve_against_the_spec_folder() -> None:
         (["engine.zero_stage=7"], "engine.zero_stage"),
         (["engine.zero_stage=three"], "engine.zero_stage"),
         (["engine.kind=megatron"], "engine"),
-        (["model.d_model=100"], "n_heads=6 must divide d_model=100"),
+        (["model.d_model=102"], "n_heads=4 must divide d_model=102"),
         (["model.moe.ep_size=3"], "ep_size"),
         (["model.moe.num_experts=6", "model.moe.ep_size=4", "cluster.num_workers=4"], "ep_size=4 must divide"),
         (["model.moe.experts_per_layer=[4, 4, 8]"], "moe.experts_per_layer has 3 entries; the model has 2 MoE"),
