@@ -38,9 +38,10 @@ def run_job(spec: JobSpec, verbose: bool = False, console: Console | None = None
         ensure_shards(spec.data)  # a remote cluster checks its own paths; locally, fail before Ray starts
     run_dir = prepare_run_dir(spec)
     with ray_session(spec, verbose):
-        import ray
         from ray.util.queue import Queue
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        import ray
 
         # The progress queue lives on the driver's node: were it placed on a worker node, losing that node
         # would fail the whole job instead of letting Ray Train restart the workers.
