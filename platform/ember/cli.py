@@ -247,6 +247,37 @@ def moe_stats(
     console.print(format_table(rows), markup=False, highlight=False, soft_wrap=True)
 
 
+CheckpointArg = Annotated[Path, typer.Argument(help="Run folder (newest valid checkpoint) or checkpoint folder.")]
+TemperatureOpt = Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy.")]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", min=1, help="Sample among the k most likely tokens.")]
+TopPOpt = Annotated[float | None, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")]
+
+
+@app.command()
+def generate(
+    path: CheckpointArg,
+    prompt: Annotated[str, typer.Option(help="Text to continue (byte-level tokens).")],
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most.")] = 64,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Always the most likely token (temperature 0).")] = False,
+    temperature: TemperatureOpt = 1.0,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop once the text contains this (repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print tokens, text and finish reason as JSON.")] = False,
+) -> None:
+    """Generate text from a GPT checkpoint in this process (KV cache; the reference for `ember serve`)."""
+    from ember.serve.generate import generate as run_generate
+    from ember.serve.sampling import SamplingParams
+
+    params = SamplingParams(0.0 if greedy else temperature, top_k, top_p, seed)
+    result = run_generate(path, prompt, max_tokens, params, stop)
+    if as_json:
+        print(json.dumps({"tokens": result.tokens, "text": result.text, "finish_reason": result.finish_reason}))
+    else:
+        print(prompt + result.text)
+
+
 EMBER_HOME = Path(os.environ.get("EMBER_HOME", Path.home() / ".ember"))
 STATE_DIR = EMBER_HOME / "clusters"
 AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray dashboard, e.g. http://127.0.0.1:8265.")]
