@@ -278,6 +278,46 @@ def generate(
         print(prompt + result.text)
 
 
+@app.command("serve")
+def serve_(
+    path: CheckpointArg,
+    ep: Annotated[int, typer.Option("--ep", min=1, help="Expert-parallel ranks per replica.")] = 1,
+    replicas: Annotated[int, typer.Option(min=1, help="Replicas, each with its own EP ranks.")] = 1,
+    host: Annotated[str, typer.Option(help="HTTP bind address; anything but 127.0.0.1 wants --token-file.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,
+    token_file: Annotated[
+        Path | None, typer.Option(help="File holding the bearer token every request must send.")
+    ] = None,
+    address: Annotated[str | None, typer.Option(help="Join this Ray cluster (HOST:PORT), not an embedded one.")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Sequences decoded together per replica.")] = 64,
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="Cap on a request's max_tokens [context].")] = None,
+    cpus_per_rank: Annotated[float, typer.Option(min=0.01, help="Ray CPUs reserved per EP rank.")] = 0.5,
+    device: Annotated[str, typer.Option(help="auto (GPUs when the cluster has them), cpu or cuda.")] = "auto",
+) -> None:
+    """Serve a checkpoint over HTTP: /v1/completions (EP ranks, continuous batching), /v1/images, /healthz."""
+    from ember.serve.app import ServeOptions, run_server
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {device}: use auto, cpu or cuda")
+    token = _read_token(token_file) if token_file is not None else None
+    if host != "127.0.0.1" and token is None:
+        errors.print(f"warning: serving on {host} without --token-file: anyone who reaches it can use it", markup=False)
+    options = ServeOptions(str(path), ep, replicas, host, port, token, max_batch=max_batch,
+                           max_tokens_limit=max_tokens, rank_cpus=cpus_per_rank)  # fmt: skip
+    run_server(options, address, device, lambda line: console.print(line, markup=False, soft_wrap=True))
+
+
+def _read_token(path: Path) -> str:
+    if not path.is_file():
+        raise UserError(f"--token-file {path}: no such file")
+    token = path.read_text().strip()
+    if not token or any(c.isspace() for c in token):
+        raise UserError(f"--token-file {path}: must hold one token (no spaces)")
+    return token
+
+
 EMBER_HOME = Path(os.environ.get("EMBER_HOME", Path.home() / ".ember"))
 STATE_DIR = EMBER_HOME / "clusters"
 AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray dashboard, e.g. http://127.0.0.1:8265.")]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,14 +110,21 @@ class EmberServer:
         return self.group.descriptions if self.step_loop is not None else []
 
 
-def build_app(options: ServeOptions):
-    """The Serve application: one deployment whose replicas each own their ranks' placement group."""
-    _, _, spec = read_checkpoint_spec(Path(options.checkpoint))  # UserErrors here, before anything starts
-    ranks = options.ep_size if spec.model.family == "gpt" else 0
+def check_options(options: ServeOptions) -> ServeOptions:
+    """UserErrors before anything starts; returns the options with the checkpoint folder resolved."""
+    checkpoint, _, spec = read_checkpoint_spec(Path(options.checkpoint))
     if spec.model.family == "gpt":
         serving_spec(spec, options.ep_size)  # refuses an EP size that does not divide the experts
     elif options.ep_size != 1:
         raise UserError(f"--ep {options.ep_size}: a {spec.model.family} model is served by one process; use --ep 1")
+    return replace(options, checkpoint=str(checkpoint))
+
+
+def build_app(options: ServeOptions):
+    """The Serve application: one deployment whose replicas each own their ranks' placement group."""
+    options = check_options(options)
+    _, _, spec = read_checkpoint_spec(Path(options.checkpoint))
+    ranks = options.ep_size if spec.model.family == "gpt" else 0
     rank_bundle = {"CPU": options.rank_cpus, **({"GPU": 1} if options.use_gpu else {})}
     deployment = EmberServer.options(
         name=options.name,
@@ -140,10 +147,11 @@ def start_application(options: ServeOptions, route_prefix: str = "/", app_name: 
     serve.run(build_app(options), name=app_name or options.name, route_prefix=route_prefix, blocking=False)
 
 
-def run_server(options: ServeOptions, address: str | None, say) -> None:
+def run_server(options: ServeOptions, address: str | None, device: str, say) -> None:
     """`ember serve`: start (or join) Ray, deploy, and serve until interrupted."""
     import ray
 
+    options = check_options(options)
     needed = options.replicas * (options.replica_cpus + options.ep_size * options.rank_cpus)
     if address is None:
         ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 1)), include_dashboard=False, namespace="ember")
@@ -151,6 +159,8 @@ def run_server(options: ServeOptions, address: str | None, say) -> None:
         ray.init(address=address, namespace="ember")
     started = time.monotonic()
     try:
+        has_gpus = ray.cluster_resources().get("GPU", 0) >= options.ep_size
+        options = replace(options, use_gpu=device == "cuda" or (device == "auto" and has_gpus))
         start_application(options)
         where = f"http://{options.host}:{options.port}"
         ready = time.monotonic() - started
