@@ -25,16 +25,13 @@ from tests.helpers.distributed import run_on_ranks
 SEQ, MICRO, STEPS = 32, 8, 8
 
 
-def tiny_moe_spec(ep_size: int) -> dict:
+TINY_MODEL = {"d_model": 32, "n_heads": 2, "n_layers": 2, "seq_len": SEQ}
+
+
+def tiny_moe_spec(ep_size: int, model: dict | None = None) -> dict:
     return {
         "name": "serve-test",
-        "model": {
-            "d_model": 32,
-            "n_heads": 2,
-            "n_layers": 2,
-            "seq_len": SEQ,
-            "moe": {"num_experts": 4, "ep_size": ep_size, "capacity_factor": 4.0},
-        },
+        "model": {**(model or TINY_MODEL), "moe": {"num_experts": 4, "ep_size": ep_size, "capacity_factor": 4.0}},
         "data": {"train": {"urls": "unused.tar"}},
         "engine": {"kind": "deepspeed", "zero_stage": 2},
         "optim": {"lr": 1e-2, "warmup_steps": 1},
@@ -48,8 +45,8 @@ def text_rows(offset: int, count: int) -> torch.Tensor:
     return torch.stack([data[offset + i * (SEQ + 1) : offset + (i + 1) * (SEQ + 1)] for i in range(count)])
 
 
-def _train_and_save(rank: int, world_size: int, run_dir: str, ep_size: int) -> None:
-    spec = JobSpec.from_dict(tiny_moe_spec(ep_size))
+def _train_and_save(rank: int, world_size: int, run_dir: str, ep_size: int, model: dict | None) -> None:
+    spec = JobSpec.from_dict(tiny_moe_spec(ep_size, model))
     world = world_from_env("cpu", ep_size=ep_size)
     torch.manual_seed(0)
     engine = build_engine(spec, build_model(spec.model, ep_rank=world.ep_rank, seed=0), world)
@@ -68,6 +65,7 @@ def _train_and_save(rank: int, world_size: int, run_dir: str, ep_size: int) -> N
     )
 
 
-def write_moe_checkpoint(run_dir: Path, ep_size: int = 2) -> Path:
-    run_on_ranks(_train_and_save, 2, str(run_dir), ep_size)
+def write_moe_checkpoint(run_dir: Path, ep_size: int = 2, model: dict | None = None) -> Path:
+    """`model`: GPT fields (d_model, n_heads, n_layers, seq_len ...) instead of the tiny default; seq_len >= 32."""
+    run_on_ranks(_train_and_save, 2, str(run_dir), ep_size, model)
     return run_dir
