@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -181,3 +183,66 @@ def test_cli_refuses_a_missing_checkpoint_and_a_corrupt_manifest_with_exit_2(run
     (corrupt / "manifest.json").write_text("{ truncated")
     broken = serve(corrupt)
     assert broken.returncode == 2 and "error:" in broken.stderr
+
+
+@pytest.fixture(scope="module")
+def gan_url(server: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """jobs/debug/tiny-gan.yaml trained 2 steps on 1 rank (torchrun), served at /gan beside the GPT."""
+    from ember.data.build_images import build_image_shards
+    from ember.serve.app import ServeOptions, start_application
+
+    root = tmp_path_factory.mktemp("gan")
+    shards = root / "digits"
+    build_image_shards(shards, "digits", shard_size=200)
+    items = [f"run_dir={root / 'run'}", f"data.train.urls={shards}/train-{{000000..000006}}.tar",
+             f"data.val.urls={shards}/val-000000.tar", "data.build=null", "schedule.steps=2",
+             "schedule.eval_every=2", "checkpoint.every_n_steps=2", "logging.sample_every=0"]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port",
+               str(free_port()), "-m", "ember.train.torchrun", str(REPO / "jobs" / "debug" / "tiny-gan.yaml"),
+               *[part for item in items for part in ("--set", item)]]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO / "platform"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    port = int(server.rsplit(":", 1)[1])
+    start_application(ServeOptions(str(root / "run"), port=port, token=TOKEN, name="gan"), route_prefix="/gan")
+    return f"{server}/gan"
+
+
+def test_images_endpoint_returns_seeded_class_conditional_pngs(gan_url: str) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    def images(**fields) -> list[bytes]:
+        response = requests.post(f"{gan_url}/v1/images", json=fields, headers=AUTH, timeout=120)
+        assert response.status_code == 200, response.text
+        return [base64.b64decode(item["b64_png"]) for item in response.json()["data"]]
+
+    first = images(class_label=3, n=2, seed=1)
+    assert [Image.open(io.BytesIO(png)).size for png in first] == [(8, 8), (8, 8)]
+    assert images(class_label=3, n=2, seed=1) == first and images(class_label=3, n=2, seed=2) != first
+    wrong = requests.post(f"{gan_url}/v1/images", json={"class_label": 99}, headers=AUTH, timeout=30)
+    assert (wrong.status_code, wrong.json()["error"]["field"]) == (422, "class_label")
+    text = requests.post(f"{gan_url}/v1/completions", json={"prompt": "a"}, headers=AUTH, timeout=30)
+    assert (text.status_code, text.json()["error"]["field"]) == (400, "model")
+
+
+def test_a_killed_rank_restarts_the_whole_group_and_serving_resumes(server: str, run_dir: Path) -> None:
+    """kill -9 of EP rank 1: the replica's health check fails, Serve replaces the replica and all its ranks."""
+
+    def ranks() -> list[dict] | None:
+        try:
+            response = requests.get(f"{server}/v1/models", headers=AUTH, timeout=10)
+        except requests.RequestException:
+            return None
+        return response.json()["data"][0]["ranks"] if response.status_code == 200 else None
+
+    before = ranks()
+    os.kill(before[1]["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 240
+    while (now := ranks()) is None or {r["pid"] for r in now} & {r["pid"] for r in before}:
+        assert time.monotonic() < deadline, "the group was not restarted"
+        time.sleep(1)
+    expected = reference(run_dir, PROMPTS[2], 16, temperature=0)
+    assert complete(server, PROMPTS[2], max_tokens=16, temperature=0)["tokens"] == expected

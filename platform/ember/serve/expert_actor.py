@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import os
 from typing import Any
 
 import torch
@@ -76,6 +77,7 @@ class ExpertShard:
         }
         return {
             "rank": self.rank,
+            "pid": os.getpid(),
             "experts": experts,
             "expert_parameters": sum(p.numel() for p in params if is_expert_parameter(p)),
             "dense_parameters": sum(p.numel() for p in params if not is_expert_parameter(p)),
