@@ -246,3 +246,13 @@ def test_a_killed_rank_restarts_the_whole_group_and_serving_resumes(server: str,
         time.sleep(1)
     expected = reference(run_dir, PROMPTS[2], 16, temperature=0)
     assert complete(server, PROMPTS[2], max_tokens=16, temperature=0)["tokens"] == expected
+
+
+def test_a_stop_string_ends_the_completion_with_finish_reason_stop(server: str, run_dir: Path) -> None:
+    from ember.serve.sampling import decode_bytes
+
+    expected = reference(run_dir, PROMPTS[3], 20, temperature=0.9, seed=4)
+    stop = decode_bytes(expected[:3])  # text this completion produces by its third token
+    choice = complete(server, PROMPTS[3], max_tokens=20, temperature=0.9, seed=4, stop=[stop])
+    assert choice["finish_reason"] == "stop" and stop in choice["text"]
+    assert choice["tokens"] == expected[: len(choice["tokens"])] and len(choice["tokens"]) <= 3

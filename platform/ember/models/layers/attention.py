@@ -61,13 +61,22 @@ class RaggedKV:
         for cache, new in zip(self.caches, self.lengths, strict=True):
             rows = slice(start, start + new)
             keys, values = cache.extend(self.layer, k[0, :, rows], v[0, :, rows])
-            # Query j sits at position past + j and sees keys 0..past + j.
-            mask = torch.ones(new, keys.shape[1], dtype=torch.bool, device=q.device).tril(cache.length)
-            outputs.append(F.scaled_dot_product_attention(q[0, :, rows], keys, values, attn_mask=mask))
+            outputs.append(causal_attention(q[0, :, rows], keys, values, past=cache.length))
             start += new
         if not outputs:
             return torch.empty_like(q)
         return torch.cat(outputs, dim=1).unsqueeze(0)
+
+
+def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: int) -> torch.Tensor:
+    """Queries at positions past..past+n-1 over keys 0..past+n-1: query j sees keys up to past + j."""
+    new = q.shape[-2]
+    if new == 1:  # one query (a decode step) sees every key: no mask to build
+        return F.scaled_dot_product_attention(q, keys, values)
+    if past == 0:
+        return F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+    mask = torch.ones(new, keys.shape[-2], dtype=torch.bool, device=q.device).tril(past)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 class CausalSelfAttention(nn.Module):
