@@ -292,7 +292,7 @@ def serve_(
     ] = None,
     address: Annotated[str | None, typer.Option(help="Join this Ray cluster (HOST:PORT), not an embedded one.")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Sequences decoded together per replica.")] = 64,
-    max_tokens: Annotated[int | None, typer.Option(min=1, help="Cap on a request's max_tokens [context].")] = None,
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="Cap on max_tokens (default: context).")] = None,
     cpus_per_rank: Annotated[float, typer.Option(min=0.01, help="Ray CPUs reserved per EP rank.")] = 0.5,
     device: Annotated[str, typer.Option(help="auto (GPUs when the cluster has them), cpu or cuda.")] = "auto",
 ) -> None:

@@ -80,3 +80,40 @@ def test_finish_reasons() -> None:
     assert finish_reason([1, 2], 3, 2, 32, stop=[]) == "length"
     assert finish_reason([1, 2], 31, 10, 32, stop=[]) == "length"  # no position left for the next token
     assert finish_reason([1], 31, 10, 32, stop=[]) is None
+
+
+def test_step_loop_batches_admits_and_retires_with_the_reference_answers() -> None:
+    """The continuous-batching loop on two in-process runners (no Ray): more requests than batch slots,
+    different lengths; every answer equals the sequence decoded alone, and the batch never exceeds its cap."""
+    import asyncio
+
+    from ember.serve.batching import StepLoop
+
+    model = tiny_moe_gpt()
+    runners = [DecodeRunner(model), DecodeRunner(model)]  # two "ranks" (no experts split: no collectives)
+    widest = []
+
+    async def step(plans: list[StepPlan]) -> dict[int, int]:
+        widest.append(sum(len(p.admit) + len(p.decode) for p in plans))
+        return {k: v for runner, plan in zip(runners, plans, strict=True) for k, v in runner.step(plan).items()}
+
+    def alone(prompt: list[int], length: int, params: SamplingParams) -> list[int]:
+        runner, plan, out = DecodeRunner(model), StepPlan(admit=[Admit(0, prompt, params)]), []
+        for _ in range(length):
+            out.append(runner.step(plan)[0])
+            plan = StepPlan(decode=[0])
+        return out
+
+    jobs = [([5 + i, 9], 3 + i, SamplingParams(temperature=0.0 if i % 2 else 1.0, seed=i)) for i in range(5)]
+
+    async def main() -> list[list[int]]:
+        loop = StepLoop(step, ranks=2, seq_len=32, max_batch=2)
+        loop.start()
+
+        async def one(prompt, length, params) -> list[int]:
+            return [token async for token, _ in loop.generate(prompt, length, params, stop=[])]
+
+        return await asyncio.gather(*(one(*job) for job in jobs))
+
+    assert asyncio.run(main()) == [alone(*job) for job in jobs]
+    assert max(widest) == 2  # five requests, two slots: admitted as others retired

@@ -46,6 +46,7 @@ class ServeOptions:
     replica_cpus: float = 0.25
     rank_cpus: float = 0.5
     use_gpu: bool = False
+    verified: bool = False  # the checkpoint folder was resolved and its checksums checked (check_options)
 
 
 @serve.deployment
@@ -53,7 +54,7 @@ class ServeOptions:
 class EmberServer:
     async def __init__(self, options: ServeOptions) -> None:
         self.options = options
-        checkpoint, _, spec = read_checkpoint_spec(Path(options.checkpoint))
+        checkpoint, _, spec = read_checkpoint_spec(Path(options.checkpoint), verify=False)  # check_options did
         self.family, self.step_loop, self.sampler = spec.model.family, None, None
         if self.family == "gpt":
             self.seq_len = spec.model.seq_len
@@ -105,25 +106,21 @@ class EmberServer:
         if self.step_loop is not None:
             await self.group.ping(HEALTH_PING_TIMEOUT_S)
 
-    async def ranks(self) -> list[dict[str, Any]]:
-        """What each rank holds (tests and `ember serve` print it)."""
-        return self.group.descriptions if self.step_loop is not None else []
-
 
 def check_options(options: ServeOptions) -> ServeOptions:
     """UserErrors before anything starts; returns the options with the checkpoint folder resolved."""
-    checkpoint, _, spec = read_checkpoint_spec(Path(options.checkpoint))
+    checkpoint, _, spec = read_checkpoint_spec(Path(options.checkpoint), verify=not options.verified)
     if spec.model.family == "gpt":
         serving_spec(spec, options.ep_size)  # refuses an EP size that does not divide the experts
     elif options.ep_size != 1:
         raise UserError(f"--ep {options.ep_size}: a {spec.model.family} model is served by one process; use --ep 1")
-    return replace(options, checkpoint=str(checkpoint))
+    return replace(options, checkpoint=str(checkpoint), verified=True)
 
 
 def build_app(options: ServeOptions):
     """The Serve application: one deployment whose replicas each own their ranks' placement group."""
     options = check_options(options)
-    _, _, spec = read_checkpoint_spec(Path(options.checkpoint))
+    _, _, spec = read_checkpoint_spec(Path(options.checkpoint), verify=False)
     ranks = options.ep_size if spec.model.family == "gpt" else 0
     rank_bundle = {"CPU": options.rank_cpus, **({"GPU": 1} if options.use_gpu else {})}
     deployment = EmberServer.options(

@@ -27,10 +27,16 @@ EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt
 BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
-def read_checkpoint_spec(path: Path) -> tuple[Path, dict[str, Any], JobSpec]:
-    """(checkpoint folder, manifest, job spec) of a run folder's newest valid checkpoint or a checkpoint folder."""
-    checkpoint = find_checkpoint(Path(path))
+def read_checkpoint_spec(path: Path, verify: bool = True) -> tuple[Path, dict[str, Any], JobSpec]:
+    """(checkpoint folder, manifest, job spec) of a run folder's newest valid checkpoint or a checkpoint folder.
+
+    verify=False: `path` is a checkpoint folder already verified (by `ember serve` before it starts the ranks),
+    so that N ranks do not each hash every file of a checkpoint they read only a share of.
+    """
+    checkpoint = find_checkpoint(Path(path)) if verify else Path(path)
     manifest = read_manifest(checkpoint)
+    if manifest is None:
+        raise UserError(f"{checkpoint / 'manifest.json'}: missing or unreadable")
     if not isinstance(manifest.get("spec"), dict):
         raise UserError(f"{checkpoint / 'manifest.json'}: has no job spec; it was not written by `ember run`")
     try:
@@ -40,9 +46,9 @@ def read_checkpoint_spec(path: Path) -> tuple[Path, dict[str, Any], JobSpec]:
     return checkpoint, manifest, spec
 
 
-def load_rank_model(path: Path, ep_size: int = 1, ep_rank: int = 0) -> tuple[GPT, JobSpec]:
+def load_rank_model(path: Path, ep_size: int = 1, ep_rank: int = 0, verify: bool = True) -> tuple[GPT, JobSpec]:
     """The GPT of serving rank ep_rank of ep_size, weights loaded (strict), in eval mode."""
-    checkpoint, manifest, spec = read_checkpoint_spec(path)
+    checkpoint, manifest, spec = read_checkpoint_spec(path, verify)
     if spec.model.family != "gpt":
         raise UserError(f"{checkpoint}: a {spec.model.family} checkpoint; text generation needs a gpt")
     model_spec = serving_spec(spec, ep_size)
