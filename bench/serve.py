@@ -2,12 +2,12 @@
 
     python bench/serve.py [--requests 48] [--max-tokens 32] [--checkpoint RUN_DIR]
 
-One embedded Ray, one Serve instance on 127.0.0.1 holding two applications of the same checkpoint (the
-quickstart's model shape, 4 experts, trained briefly with EP=2 by 2 DeepSpeed ranks unless --checkpoint
-is given): EP=2 at / and EP=1 at /ep1. Rounds alternate between them so load drift hits both alike. Each
-round sends `--requests` completions (greedy, fixed length: every request decodes exactly --max-tokens
-tokens) from 1 client one after the other, then from 16 clients at once. Batching gain = tokens/s with 16
-clients over tokens/s with 1 (target >= 4). The last line is one JSON object.
+One embedded Ray, one Serve instance on 127.0.0.1 holding two applications of the same checkpoint: EP=2
+at / and EP=1 at /ep1. The checkpoint (unless --checkpoint is given) is a GPT of d_model 192, 6 heads,
+4 layers, seq 128, 4 experts top-1, trained briefly with EP=2 by 2 DeepSpeed ranks. Rounds alternate
+between the two so load drift hits both alike. Each round sends `--requests` greedy completions of
+exactly --max-tokens tokens from 1 client one after the other, then from 16 clients at once. Batching
+gain = tokens/s with 16 clients over tokens/s with 1 (target >= 4). The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))  # tests.helpers: the checkpoint writer and free_p
 from tests.helpers.distributed import free_port  # noqa: E402
 from tests.helpers.moe_checkpoint import write_moe_checkpoint  # noqa: E402
 
-QUICKSTART_MODEL = {"d_model": 192, "n_heads": 6, "n_layers": 4, "seq_len": 128}
+BENCH_MODEL = {"d_model": 192, "n_heads": 6, "n_layers": 4, "seq_len": 128}
 PROMPTS = ["def ", "import os\n", "class Tree:\n    ", "    return ", "# ", "x = ", "for i in", "if __name__"]
 
 
@@ -77,7 +77,7 @@ def main() -> None:
     from ray import serve
 
     scratch = tempfile.TemporaryDirectory(prefix="ember-bench-serve-")
-    checkpoint = args.checkpoint or write_moe_checkpoint(Path(scratch.name) / "run", 2, QUICKSTART_MODEL)
+    checkpoint = args.checkpoint or write_moe_checkpoint(Path(scratch.name) / "run", 2, BENCH_MODEL)
     port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, namespace="ember-bench-serve", log_to_driver=False)
     try:
