@@ -247,6 +247,77 @@ def moe_stats(
     console.print(format_table(rows), markup=False, highlight=False, soft_wrap=True)
 
 
+CheckpointArg = Annotated[Path, typer.Argument(help="Run folder (newest valid checkpoint) or checkpoint folder.")]
+TemperatureOpt = Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy.")]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", min=1, help="Sample among the k most likely tokens.")]
+TopPOpt = Annotated[float | None, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")]
+
+
+@app.command()
+def generate(
+    path: CheckpointArg,
+    prompt: Annotated[str, typer.Option(help="Text to continue (byte-level tokens).")],
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most.")] = 64,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Always the most likely token (temperature 0).")] = False,
+    temperature: TemperatureOpt = 1.0,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop once the text contains this (repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print tokens, text and finish reason as JSON.")] = False,
+) -> None:
+    """Generate text from a GPT checkpoint in this process (KV cache; the reference for `ember serve`)."""
+    from ember.serve.generate import generate as run_generate
+    from ember.serve.sampling import SamplingParams
+
+    params = SamplingParams(0.0 if greedy else temperature, top_k, top_p, seed)
+    result = run_generate(path, prompt, max_tokens, params, stop)
+    if as_json:
+        print(json.dumps({"tokens": result.tokens, "text": result.text, "finish_reason": result.finish_reason}))
+    else:
+        print(prompt + result.text)
+
+
+@app.command("serve")
+def serve_(
+    path: CheckpointArg,
+    ep: Annotated[int, typer.Option("--ep", min=1, help="Expert-parallel ranks per replica.")] = 1,
+    replicas: Annotated[int, typer.Option(min=1, help="Replicas, each with its own EP ranks.")] = 1,
+    host: Annotated[str, typer.Option(help="HTTP bind address; anything but 127.0.0.1 wants --token-file.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,
+    token_file: Annotated[
+        Path | None, typer.Option(help="File holding the bearer token every request must send.")
+    ] = None,
+    address: Annotated[str | None, typer.Option(help="Join this Ray cluster (HOST:PORT), not an embedded one.")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Sequences decoded together per replica.")] = 64,
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="Cap on max_tokens (default: context).")] = None,
+    cpus_per_rank: Annotated[float, typer.Option(min=0.01, help="Ray CPUs reserved per EP rank.")] = 0.5,
+    device: Annotated[str, typer.Option(help="auto (GPUs when the cluster has them), cpu or cuda.")] = "auto",
+) -> None:
+    """Serve a checkpoint over HTTP: /v1/completions (EP ranks, continuous batching), /v1/images, /healthz."""
+    from ember.serve.app import ServeOptions, run_server
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {device}: use auto, cpu or cuda")
+    token = _read_token(token_file) if token_file is not None else None
+    if host != "127.0.0.1" and token is None:
+        errors.print(f"warning: serving on {host} without --token-file: anyone who reaches it can use it", markup=False)
+    options = ServeOptions(str(path), ep, replicas, host, port, token, max_batch=max_batch,
+                           max_tokens_limit=max_tokens, rank_cpus=cpus_per_rank)  # fmt: skip
+    run_server(options, address, device, lambda line: console.print(line, markup=False, soft_wrap=True))
+
+
+def _read_token(path: Path) -> str:
+    if not path.is_file():
+        raise UserError(f"--token-file {path}: no such file")
+    token = path.read_text().strip()
+    if not token or any(c.isspace() for c in token):
+        raise UserError(f"--token-file {path}: must hold one token (no spaces)")
+    return token
+
+
 EMBER_HOME = Path(os.environ.get("EMBER_HOME", Path.home() / ".ember"))
 STATE_DIR = EMBER_HOME / "clusters"
 AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray dashboard, e.g. http://127.0.0.1:8265.")]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ember.models.layers.attention import CausalSelfAttention
+from ember.models.layers.attention import CausalSelfAttention, KVCache, RaggedKV
 from ember.models.layers.mlp import MLP
 from ember.models.layers.moe import MoEFFN, build_moe_ffn
 from ember.spec.model import GPTSpec, MoESpec
@@ -31,8 +31,8 @@ class Block(nn.Module):
         else:
             self.ffn = MLP(spec.d_model, spec.ffn_width, spec.dropout)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, kv: RaggedKV | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.ln1(x), kv)
         out = self.ffn(self.ln2(x))
         if isinstance(out, tuple):
             return x + out[0], out[1]
@@ -62,17 +62,24 @@ class GPT(nn.Module):
             if isinstance(block.ffn, MoEFFN):
                 block.ffn.init_experts(seed, index, lambda m, g: init_module(m, g, self.spec.n_layers))
 
-    def forward(self, idx: torch.Tensor) -> ModelOutput:
-        positions = torch.arange(idx.shape[1], device=idx.device)
+    def forward(self, idx: torch.Tensor, kv: RaggedKV | None = None) -> ModelOutput:
+        """idx [B, T]; with `kv`, idx is [1, N]: several sequences' new tokens end to end, each after its cache."""
+        positions = kv.positions(idx.device) if kv is not None else torch.arange(idx.shape[1], device=idx.device)
         x = self.tok_emb(idx) + self.pos_emb(positions)
         aux_total = x.new_zeros(())
-        for block in self.blocks:
+        for index, block in enumerate(self.blocks):
             if self.spec.activation_checkpointing and self.training:
                 x, aux = checkpoint(block, x, use_reentrant=False)
             else:
-                x, aux = block(x)
+                x, aux = block(x, kv.at_layer(index) if kv is not None else None)
             aux_total = aux_total + aux
+        if kv is not None:
+            kv.advance()
         return ModelOutput(self.head(self.ln_f(x)), aux_total)
+
+    def new_cache(self) -> KVCache:
+        """An empty key/value cache for one sequence of up to seq_len positions."""
+        return KVCache(self.spec.n_layers, self.spec.seq_len)
 
 
 def init_module(module: nn.Module, generator: torch.Generator, n_layers: int, skip: type | None = None) -> None:

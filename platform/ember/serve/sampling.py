@@ -1,10 +1,27 @@
-"""Autoregressive sampling: greedy, temperature and top-k, seeded."""
+"""Autoregressive sampling: greedy, temperature, top-k and top-p (nucleus), seeded."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence picks its tokens; temperature 0 is greedy. The seed fixes the whole sequence."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator(device="cpu").manual_seed(self.seed)
+
+    def pick(self, logits: torch.Tensor, generator: torch.Generator) -> int:
+        return pick_token(logits.float().cpu(), self.temperature, self.top_k, generator, self.top_p)
 
 
 @torch.no_grad()
@@ -28,14 +45,27 @@ def sample_tokens(
     return tokens[len(prompt) :] if prompt else tokens[1:]
 
 
-def pick_token(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> int:
+def pick_token(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator, top_p: float | None = None
+) -> int:
     if temperature <= 0:
         return int(logits.argmax())
     logits = logits / temperature
     if top_k is not None and top_k < logits.numel():
         threshold = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < threshold, float("-inf"))
-    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        probs = nucleus(probs, top_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches top_p (always the top one)."""
+    sorted_probs, order = torch.sort(probs, descending=True, stable=True)
+    before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the tokens ranked above each
+    sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
 
 def decode_bytes(tokens: list[int]) -> str:

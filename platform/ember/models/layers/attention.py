@@ -1,10 +1,82 @@
-"""Causal multi-head self-attention on top of scaled_dot_product_attention (flash/mem-efficient on GPUs)."""
+"""Causal multi-head self-attention on top of scaled_dot_product_attention (flash/mem-efficient on GPUs).
+
+Decoding reuses past keys and values: `KVCache` holds one sequence's, and `RaggedKV` runs attention for
+several sequences whose new tokens lie end to end in one row (continuous batching: each has its own past).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class KVCache:
+    """One sequence's past keys and values, per layer, in buffers of `capacity` positions allocated on first use."""
+
+    def __init__(self, n_layers: int, capacity: int) -> None:
+        self.capacity = capacity
+        self.length = 0  # positions already cached (the same in every layer between forwards)
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [heads, new, head_dim] after the cached positions; return all keys and values so far."""
+        end = self.length + k.shape[1]
+        if end > self.capacity:
+            raise ValueError(f"sequence of {end} positions exceeds the cache's {self.capacity}")
+        if self.keys[layer] is None:
+            self.keys[layer] = k.new_empty((k.shape[0], self.capacity, k.shape[2]))
+            self.values[layer] = v.new_empty((v.shape[0], self.capacity, v.shape[2]))
+        self.keys[layer][:, self.length : end] = k
+        self.values[layer][:, self.length : end] = v
+        return self.keys[layer][:, :end], self.values[layer][:, :end]
+
+
+@dataclass
+class RaggedKV:
+    """Sequences laid end to end in one row: lengths[i] new tokens of the sequence cached in caches[i]."""
+
+    caches: list[KVCache]
+    lengths: list[int]
+    layer: int = 0
+
+    def at_layer(self, layer: int) -> RaggedKV:
+        return RaggedKV(self.caches, self.lengths, layer)
+
+    def positions(self, device: torch.device) -> torch.Tensor:
+        spans = [torch.arange(c.length, c.length + n) for c, n in zip(self.caches, self.lengths, strict=True)]
+        return torch.cat(spans).to(device) if spans else torch.zeros(0, dtype=torch.long, device=device)
+
+    def advance(self) -> None:
+        """After a forward: the new tokens are now part of every sequence's past."""
+        for cache, new in zip(self.caches, self.lengths, strict=True):
+            cache.length += new
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v [1, heads, N, head_dim] -> [1, heads, N, head_dim], each sequence over its own past."""
+        outputs, start = [], 0
+        for cache, new in zip(self.caches, self.lengths, strict=True):
+            rows = slice(start, start + new)
+            keys, values = cache.extend(self.layer, k[0, :, rows], v[0, :, rows])
+            outputs.append(causal_attention(q[0, :, rows], keys, values, past=cache.length))
+            start += new
+        if not outputs:
+            return torch.empty_like(q)
+        return torch.cat(outputs, dim=1).unsqueeze(0)
+
+
+def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: int) -> torch.Tensor:
+    """Queries at positions past..past+n-1 over keys 0..past+n-1: query j sees keys up to past + j."""
+    new = q.shape[-2]
+    if new == 1:  # one query (a decode step) sees every key: no mask to build
+        return F.scaled_dot_product_attention(q, keys, values)
+    if past == 0:
+        return F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+    mask = torch.ones(new, keys.shape[-2], dtype=torch.bool, device=q.device).tril(past)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 class CausalSelfAttention(nn.Module):
@@ -15,9 +87,14 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: RaggedKV | None = None) -> torch.Tensor:
         batch, length, width = x.shape
         q, k, v = self.qkv(x).split(width, dim=2)
-        q, k, v = (t.view(batch, length, self.n_heads, -1).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        heads, head_dim = self.n_heads, width // self.n_heads  # explicit: -1 is ambiguous for an empty batch
+        q, k, v = (t.view(batch, length, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+        if kv is not None:
+            y = kv.attend(q, k, v)
+        else:
+            dropout = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         return self.proj(y.transpose(1, 2).reshape(batch, length, width))

@@ -83,7 +83,7 @@ def unpermute(outputs: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) 
     """[R, d] expert outputs of the kept routes -> [S, d]: sum over k of weight * output (fp32 weights)."""
     tokens, k = weights.shape
     routes = outputs.new_zeros((tokens * k, outputs.shape[1])).index_copy(0, rows, outputs)
-    combined = (routes.view(tokens, k, -1) * weights.unsqueeze(-1)).sum(dim=1)
+    combined = (routes.view(tokens, k, outputs.shape[1]) * weights.unsqueeze(-1)).sum(dim=1)  # 0 tokens: no -1
     return combined.to(outputs.dtype)
 
 

@@ -1,0 +1,170 @@
+"""`ember serve`: a Ray Serve application serving one checkpoint over HTTP.
+
+    app = build_app(ServeOptions(checkpoint=..., ep_size=2))    # a Serve Application
+    run_server(options, console)                                # embedded Ray (or --address), then serve
+
+Each replica of the `EmberServer` deployment owns a placement group: bundle 0 for the replica (the HTTP
+routes and the step loop), bundles 1..N for its N expert-parallel ranks (serve/expert_actor.py). The
+replica's health check pings every rank; a rank that died or hangs fails it, and Serve replaces the
+replica and with it the whole group (the survivors would otherwise block in their collectives).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ember.errors import UserError
+from ember.serve.batching import StepLoop
+from ember.serve.expert_actor import ShardGroup
+from ember.serve.http import build_api
+from ember.serve.images import ImageQuery, ImageSampler
+from ember.serve.placement import serving_spec
+from ember.serve.sampling import SamplingParams
+from ember.serve.weights import read_checkpoint_spec
+from ray import serve
+
+HEALTH_PING_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    checkpoint: str  # the checkpoint folder itself (resolved from a run folder before Ray starts)
+    ep_size: int = 1
+    replicas: int = 1
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+    name: str = "ember"
+    max_batch: int = 64  # running sequences per replica
+    max_tokens_limit: int | None = None  # per request; default: the model's context length
+    max_body_bytes: int = 1 << 16
+    replica_cpus: float = 0.25
+    rank_cpus: float = 0.5
+    use_gpu: bool = False
+    verified: bool = False  # the checkpoint folder was resolved and its checksums checked (check_options)
+
+
+@serve.deployment
+@serve.ingress()
+class EmberServer:
+    async def __init__(self, options: ServeOptions) -> None:
+        self.options = options
+        checkpoint, _, spec = read_checkpoint_spec(Path(options.checkpoint), verify=False)  # check_options did
+        self.family, self.step_loop, self.sampler = spec.model.family, None, None
+        if self.family == "gpt":
+            self.seq_len = spec.model.seq_len
+            self.max_tokens_limit = options.max_tokens_limit or self.seq_len
+            self.group = await ShardGroup.start(str(checkpoint), options.ep_size, options.rank_cpus, options.use_gpu)
+            self.step_loop = StepLoop(self.group.step, options.ep_size, self.seq_len, options.max_batch)
+            self.step_loop.start()
+        else:
+            self.seq_len = self.max_tokens_limit = 0
+            self.sampler = ImageSampler(checkpoint, spec)
+            self.image_lock = asyncio.Lock()
+        self.checkpoint = str(checkpoint)
+
+    def __serve_build_asgi_app__(self):
+        return build_api(self, self.options.token, self.options.max_body_bytes)
+
+    # ---- what the routes use (serve/http.py's Backend) ----
+    def describe(self) -> dict[str, Any]:
+        info = {"id": self.options.name, "family": self.family, "checkpoint": self.checkpoint}
+        if self.step_loop is not None:
+            info.update(ep_size=self.options.ep_size, context_length=self.seq_len, steps=self.step_loop.steps,
+                        ranks=self.group.descriptions)  # fmt: skip
+        return info
+
+    def failure(self) -> str | None:
+        if self.step_loop is None:
+            return None
+        if self.step_loop.failure is not None:
+            return str(self.step_loop.failure)
+        if self.step_loop.task is not None and self.step_loop.task.done():
+            return "the step loop stopped"
+        return None
+
+    def generate(self, prompt: list[int], max_tokens: int, params: SamplingParams, stop: list[str]):
+        return self.step_loop.generate(prompt, max_tokens, params, stop)
+
+    async def images(self, query: ImageQuery) -> list[bytes]:
+        async with self.image_lock:  # one sampling at a time, off the event loop
+            return await asyncio.to_thread(self.sampler.sample, query)
+
+    def num_classes(self) -> int:
+        return self.sampler.num_classes if self.sampler is not None else 0
+
+    # ---- Serve hooks ----
+    async def check_health(self) -> None:
+        problem = self.failure()
+        if problem:
+            raise RuntimeError(problem)
+        if self.step_loop is not None:
+            await self.group.ping(HEALTH_PING_TIMEOUT_S)
+
+
+def check_options(options: ServeOptions) -> ServeOptions:
+    """UserErrors before anything starts; returns the options with the checkpoint folder resolved."""
+    checkpoint, _, spec = read_checkpoint_spec(Path(options.checkpoint), verify=not options.verified)
+    if spec.model.family == "gpt":
+        serving_spec(spec, options.ep_size)  # refuses an EP size that does not divide the experts
+    elif options.ep_size != 1:
+        raise UserError(f"--ep {options.ep_size}: a {spec.model.family} model is served by one process; use --ep 1")
+    return replace(options, checkpoint=str(checkpoint), verified=True)
+
+
+def build_app(options: ServeOptions):
+    """The Serve application: one deployment whose replicas each own their ranks' placement group."""
+    options = check_options(options)
+    _, _, spec = read_checkpoint_spec(Path(options.checkpoint), verify=False)
+    ranks = options.ep_size if spec.model.family == "gpt" else 0
+    rank_bundle = {"CPU": options.rank_cpus, **({"GPU": 1} if options.use_gpu else {})}
+    deployment = EmberServer.options(
+        name=options.name,
+        num_replicas=options.replicas,
+        max_ongoing_requests=max(4 * options.max_batch, 256),  # the default (5) would cap the batch at 5
+        ray_actor_options={"num_cpus": options.replica_cpus},
+        # Fractional CPUs: with Serve's default of 1 CPU per replica and per rank, 2 cores never fit EP=2.
+        # PACK keeps a replica's ranks on one node when they fit, and spreads them when they do not.
+        placement_group_bundles=[{"CPU": options.replica_cpus}] + [rank_bundle] * ranks,
+        placement_group_strategy="PACK",
+        health_check_period_s=5,
+        health_check_timeout_s=60,
+    )
+    return deployment.bind(options)
+
+
+def start_application(options: ServeOptions, route_prefix: str = "/", app_name: str | None = None) -> None:
+    """Deploy on the Ray this process is connected to; returns once every replica answers."""
+    serve.start(http_options={"host": options.host, "port": options.port})
+    serve.run(build_app(options), name=app_name or options.name, route_prefix=route_prefix, blocking=False)
+
+
+def run_server(options: ServeOptions, address: str | None, device: str, say) -> None:
+    """`ember serve`: start (or join) Ray, deploy, and serve until interrupted."""
+    import ray
+
+    options = check_options(options)
+    needed = options.replicas * (options.replica_cpus + options.ep_size * options.rank_cpus)
+    if address is None:
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 1)), include_dashboard=False, namespace="ember")
+    else:
+        ray.init(address=address, namespace="ember")
+    started = time.monotonic()
+    try:
+        has_gpus = ray.cluster_resources().get("GPU", 0) >= options.ep_size
+        options = replace(options, use_gpu=device == "cuda" or (device == "auto" and has_gpus))
+        start_application(options)
+        where = f"http://{options.host}:{options.port}"
+        ready = time.monotonic() - started
+        say(f"serving {options.checkpoint} (EP={options.ep_size}, {options.replicas} replica(s)) at {where}; "
+            f"ready in {ready:.1f} s; Ctrl-C stops")  # fmt: skip
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,258 @@
+"""`ember serve` on a real Ray Serve (127.0.0.1): expert-parallel ranks against `ember generate`, the oracle.
+
+One module-scoped server holds two applications on one HTTP port: the EP=2-trained checkpoint served with
+EP=2 at / and with EP=1 at /ep1. Completions are compared token for token with single-process generation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from ember.serve.generate import generate
+from ember.serve.sampling import SamplingParams
+from tests.helpers.distributed import free_port
+from tests.helpers.moe_checkpoint import write_moe_checkpoint
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "test-token-1234"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+PROMPTS = ["def ", "import os\n", "class Tree:\n    ", "    return ", "# ", "x = ", "for i in", "if __name__"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny MoE GPT trained with EP=2 (4 experts, 2 per rank) by real DeepSpeed ranks."""
+    return write_moe_checkpoint(tmp_path_factory.mktemp("serve") / "run", ep_size=2)
+
+
+@pytest.fixture(scope="module")
+def server(run_dir: Path) -> Iterator[str]:
+    import ray
+    from ember.serve.app import ServeOptions, start_application
+    from ray import serve
+
+    port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, namespace="ember-test-serve", log_to_driver=False)
+    try:
+        common = {"checkpoint": str(run_dir), "port": port, "token": TOKEN, "max_body_bytes": 4096}
+        start_application(ServeOptions(ep_size=2, name="ep2", **common), route_prefix="/")
+        start_application(ServeOptions(ep_size=1, name="ep1", **common), route_prefix="/ep1")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def complete(url: str, prompt: str, **fields) -> dict:
+    response = requests.post(f"{url}/v1/completions", json={"prompt": prompt, **fields}, headers=AUTH, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]
+
+
+def reference(run_dir: Path, prompt: str, max_tokens: int, **sampling) -> list[int]:
+    return generate(run_dir, prompt, max_tokens, SamplingParams(**sampling)).tokens
+
+
+def test_greedy_completions_with_ep2_equal_ember_generate(server: str, run_dir: Path) -> None:
+    cli = subprocess.run(
+        [sys.executable, "-m", "ember.cli", "generate", str(run_dir), "--prompt", PROMPTS[1], "--max-tokens", "24",
+         "--greedy", "--json"],
+        capture_output=True, text=True, check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO / "platform")},
+    )  # fmt: skip
+    assert complete(server, PROMPTS[1], max_tokens=24, temperature=0)["tokens"] == json.loads(cli.stdout)["tokens"]
+    for prompt in PROMPTS[:4]:
+        assert complete(server, prompt, max_tokens=20, temperature=0)["tokens"] == reference(
+            run_dir, prompt, 20, temperature=0
+        )
+
+
+def test_seeded_sampling_with_ep2_equals_ember_generate(server: str, run_dir: Path) -> None:
+    for seed, (top_k, top_p) in enumerate([(None, None), (20, None), (None, 0.9), (50, 0.8)]):
+        sampling = {"temperature": 0.8, "top_k": top_k, "top_p": top_p, "seed": seed}
+        served = complete(server, PROMPTS[seed], max_tokens=20, **sampling)["tokens"]
+        assert served == reference(run_dir, PROMPTS[seed], 20, **sampling)
+
+
+def test_checkpoint_trained_with_ep2_served_with_ep1_gives_the_same_tokens(server: str, run_dir: Path) -> None:
+    for prompt in PROMPTS[:3]:
+        expected = reference(run_dir, prompt, 20, temperature=0)
+        assert complete(f"{server}/ep1", prompt, max_tokens=20, temperature=0)["tokens"] == expected
+        sampled = complete(f"{server}/ep1", prompt, max_tokens=20, temperature=1.0, seed=7)["tokens"]
+        assert sampled == reference(run_dir, prompt, 20, temperature=1.0, seed=7)
+
+
+def test_each_rank_holds_only_its_share_of_the_experts(server: str, run_dir: Path) -> None:
+    from ember.models.layers.moe import is_expert_parameter
+    from ember.serve.weights import load_rank_model
+
+    single, _ = load_rank_model(run_dir)  # every expert in one process
+    total = sum(p.numel() for p in single.parameters() if is_expert_parameter(p))
+    ranks = requests.get(f"{server}/v1/models", headers=AUTH, timeout=30).json()["data"][0]["ranks"]
+    assert [rank["experts"] for rank in ranks] == [{"1": [0, 1]}, {"1": [2, 3]}]  # block 1 is the MoE block
+    assert [rank["expert_parameters"] for rank in ranks] == [total // 2, total // 2]
+    (alone,) = requests.get(f"{server}/ep1/v1/models", headers=AUTH, timeout=30).json()["data"][0]["ranks"]
+    assert alone["expert_parameters"] == total and alone["experts"] == {"1": [0, 1, 2, 3]}
+
+
+def test_sixteen_concurrent_clients_get_their_own_answers(server: str, run_dir: Path) -> None:
+    jobs = [(PROMPTS[i % len(PROMPTS)], {"temperature": 0.0 if i % 2 else 0.9, "seed": i}) for i in range(16)]
+    steps_before = requests.get(f"{server}/healthz", timeout=30).json()["steps"]
+    with ThreadPoolExecutor(16) as pool:
+        served = list(pool.map(lambda job: complete(server, job[0], max_tokens=16, **job[1])["tokens"], jobs))
+    for (prompt, sampling), tokens in zip(jobs, served, strict=True):
+        assert tokens == reference(run_dir, prompt, 16, **sampling)
+    steps = requests.get(f"{server}/healthz", timeout=30).json()["steps"] - steps_before
+    assert steps < 16 * 16  # sequences shared decode steps (continuous batching), not one step per token
+
+
+def test_streaming_delivers_tokens_one_event_at_a_time(server: str, run_dir: Path) -> None:
+    body = {"prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0, "stream": True}
+    with requests.post(f"{server}/v1/completions", json=body, headers=AUTH, stream=True, timeout=120) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: ") :] for line in response.iter_lines(decode_unicode=True) if line]
+    assert events[-1] == "[DONE]"
+    choices = [json.loads(event)["choices"][0] for event in events[:-1]]
+    assert [choice["token"] for choice in choices] == reference(run_dir, PROMPTS[0], 12, temperature=0)
+    assert [choice["finish_reason"] for choice in choices] == [None] * 11 + ["length"]
+
+
+BAD_REQUESTS = {
+    "missing prompt": ({"max_tokens": 4}, 422, "prompt"),
+    "prompt of the wrong type": ({"prompt": 5}, 422, "prompt"),
+    "max_tokens as a string": ({"prompt": "a", "max_tokens": "4"}, 422, "max_tokens"),
+    "max_tokens over the limit": ({"prompt": "a", "max_tokens": 10_000}, 422, "max_tokens"),
+    "negative temperature": ({"prompt": "a", "temperature": -1}, 422, "temperature"),
+    "top_p above 1": ({"prompt": "a", "top_p": 1.5}, 422, "top_p"),
+    "unknown field": ({"prompt": "a", "best_of": 3}, 422, "best_of"),
+    "prompt longer than the context": ({"prompt": "a" * 100}, 422, "prompt"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_a_bad_field_gets_a_4xx_naming_it_and_the_server_keeps_serving(server: str, name: str) -> None:
+    body, status, field = BAD_REQUESTS[name]
+    response = requests.post(f"{server}/v1/completions", json=body, headers=AUTH, timeout=30)
+    assert (response.status_code, response.json()["error"]["field"]) == (status, field)
+    assert complete(server, "ok", max_tokens=2)["finish_reason"] == "length"
+
+
+def test_bad_json_oversized_bodies_and_missing_auth_get_4xx(server: str) -> None:
+    url = f"{server}/v1/completions"
+    headers = {**AUTH, "Content-Type": "application/json"}
+    cases = [
+        (requests.post(url, data="{not json", headers=headers, timeout=30), 400, "body"),
+        (requests.post(url, data=json.dumps({"prompt": "a" * 10_000}), headers=headers, timeout=30), 413, "body"),
+        (requests.post(url, json={"prompt": "a"}, timeout=30), 401, "Authorization"),
+        (requests.post(url, json={"prompt": "a"}, headers={"Authorization": "Bearer wrong"}, timeout=30), 401,
+         "Authorization"),
+        (requests.get(f"{server}/v1/models", timeout=30), 401, "Authorization"),
+        (requests.post(f"{server}/v1/images", json={"n": 1}, headers=AUTH, timeout=30), 400, "model"),
+    ]  # fmt: skip
+    for response, status, field in cases:
+        assert (response.status_code, response.json()["error"]["field"]) == (status, field)
+    assert requests.get(f"{server}/healthz", timeout=30).json()["status"] == "ok"  # open to probes
+    assert complete(server, "ok", max_tokens=2)["finish_reason"] == "length"
+
+
+def test_cli_refuses_a_missing_checkpoint_and_a_corrupt_manifest_with_exit_2(run_dir: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "platform")}
+
+    def serve(path: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ember.cli", "serve", str(path), "--ep", "2"], env=env,
+                              capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
+
+    missing = serve(tmp_path / "nothing")
+    assert missing.returncode == 2 and "no such run or checkpoint folder" in missing.stderr
+    checkpoint = next((run_dir / "checkpoints").iterdir())
+    corrupt = tmp_path / "corrupt" / checkpoint.name
+    shutil.copytree(checkpoint, corrupt)
+    (corrupt / "manifest.json").write_text("{ truncated")
+    broken = serve(corrupt)
+    assert broken.returncode == 2 and "error:" in broken.stderr
+
+
+@pytest.fixture(scope="module")
+def gan_url(server: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """jobs/debug/tiny-gan.yaml trained 2 steps on 1 rank (torchrun), served at /gan beside the GPT."""
+    from ember.data.build_images import build_image_shards
+    from ember.serve.app import ServeOptions, start_application
+
+    root = tmp_path_factory.mktemp("gan")
+    shards = root / "digits"
+    build_image_shards(shards, "digits", shard_size=200)
+    items = [f"run_dir={root / 'run'}", f"data.train.urls={shards}/train-{{000000..000006}}.tar",
+             f"data.val.urls={shards}/val-000000.tar", "data.build=null", "schedule.steps=2",
+             "schedule.eval_every=2", "checkpoint.every_n_steps=2", "logging.sample_every=0"]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port",
+               str(free_port()), "-m", "ember.train.torchrun", str(REPO / "jobs" / "debug" / "tiny-gan.yaml"),
+               *[part for item in items for part in ("--set", item)]]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO / "platform"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    port = int(server.rsplit(":", 1)[1])
+    start_application(ServeOptions(str(root / "run"), port=port, token=TOKEN, name="gan"), route_prefix="/gan")
+    return f"{server}/gan"
+
+
+def test_images_endpoint_returns_seeded_class_conditional_pngs(gan_url: str) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    def images(**fields) -> list[bytes]:
+        response = requests.post(f"{gan_url}/v1/images", json=fields, headers=AUTH, timeout=120)
+        assert response.status_code == 200, response.text
+        return [base64.b64decode(item["b64_png"]) for item in response.json()["data"]]
+
+    first = images(class_label=3, n=2, seed=1)
+    assert [Image.open(io.BytesIO(png)).size for png in first] == [(8, 8), (8, 8)]
+    assert images(class_label=3, n=2, seed=1) == first and images(class_label=3, n=2, seed=2) != first
+    wrong = requests.post(f"{gan_url}/v1/images", json={"class_label": 99}, headers=AUTH, timeout=30)
+    assert (wrong.status_code, wrong.json()["error"]["field"]) == (422, "class_label")
+    text = requests.post(f"{gan_url}/v1/completions", json={"prompt": "a"}, headers=AUTH, timeout=30)
+    assert (text.status_code, text.json()["error"]["field"]) == (400, "model")
+
+
+def test_a_killed_rank_restarts_the_whole_group_and_serving_resumes(server: str, run_dir: Path) -> None:
+    """kill -9 of EP rank 1: the replica's health check fails, Serve replaces the replica and all its ranks."""
+
+    def ranks() -> list[dict] | None:
+        try:
+            response = requests.get(f"{server}/v1/models", headers=AUTH, timeout=10)
+        except requests.RequestException:
+            return None
+        return response.json()["data"][0]["ranks"] if response.status_code == 200 else None
+
+    before = ranks()
+    os.kill(before[1]["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 240
+    while (now := ranks()) is None or {r["pid"] for r in now} & {r["pid"] for r in before}:
+        assert time.monotonic() < deadline, "the group was not restarted"
+        time.sleep(1)
+    expected = reference(run_dir, PROMPTS[2], 16, temperature=0)
+    assert complete(server, PROMPTS[2], max_tokens=16, temperature=0)["tokens"] == expected
+
+
+def test_a_stop_string_ends_the_completion_with_finish_reason_stop(server: str, run_dir: Path) -> None:
+    from ember.serve.sampling import decode_bytes
+
+    expected = reference(run_dir, PROMPTS[3], 20, temperature=0.9, seed=4)
+    stop = decode_bytes(expected[:3])  # text this completion produces by its third token
+    choice = complete(server, PROMPTS[3], max_tokens=20, temperature=0.9, seed=4, stop=[stop])
+    assert choice["finish_reason"] == "stop" and stop in choice["text"]
+    assert choice["tokens"] == expected[: len(choice["tokens"])] and len(choice["tokens"]) <= 3
