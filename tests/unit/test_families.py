@@ -140,3 +140,51 @@ def test_example_jobs_validate_with_their_families() -> None:
     families = {name: JobSpec.load(REPO / "jobs" / f"{name}.yaml").model.family
                 for name in ("diffusion-digits", "gan-digits", "image-gpt-digits")}
     assert families == {"diffusion-digits": "diffusion", "gan-digits": "gan", "image-gpt-digits": "gpt"}
+
+
+def test_dit_with_moe_blocks_trains_and_reports_its_balance_loss() -> None:
+    """A DiT whose every 2nd block is ember's MoE layer: the denoising loss falls, the aux loss is the
+    router's load-balancing term (about 1 when balanced), and every expert gets gradient."""
+    from ember.models.layers.moe import MoEFFN
+    from ember.train.objectives.diffusion import diffusion_loss
+
+    moe = {"num_experts": 4, "top_k": 1, "every_n_layers": 2, "drop_tokens": False, "impl": "ember"}
+    spec = tiny_diffusion(backbone="dit", width=32, depth=2, heads=4, patch_size=2, moe=moe)
+    assert spec.moe_layers == [1]
+    torch.manual_seed(0)
+    model = build_denoiser(spec)
+    assert isinstance(model.blocks[1].mlp, MoEFFN) and not isinstance(model.blocks[0].mlp, MoEFFN)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    schedule = build_schedule(spec)
+    images = torch.rand(32, 1, 8, 8) * 2 - 1
+    labels = torch.arange(32) % 10
+    losses, trained = [], torch.zeros(4, dtype=torch.bool)
+    for step in range(40):
+        loss = diffusion_loss(model, schedule, images, labels)
+        aux = model.aux_loss
+        assert torch.isfinite(aux) and 0.5 < aux.item() < 4.0  # Switch balance loss: E * sum(f_i * P_i) >= ~1
+        optimizer.zero_grad()
+        (loss + 0.01 * aux).backward()
+        if step > 0:  # (adaLN-Zero gates every block's FFN at 0 at first: no expert gradient at step 0)
+            moe_layer = model.blocks[1].mlp.moe
+            trained |= moe_layer.experts.w_in.grad.flatten(1).abs().sum(1) > 0
+            assert moe_layer.router.gate.weight.grad.abs().sum() > 0
+        optimizer.step()
+        losses.append(float(loss))
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+    assert trained.all()  # every expert was routed tokens and learned
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"backbone": "unet", "moe": {"num_experts": 4}}, "need backbone: dit"),
+        ({"backbone": "dit", "width": 32, "depth": 2, "moe": {"num_experts": 4, "ep_size": 2}}, "use 1"),
+        ({"backbone": "dit", "width": 32, "depth": 1, "moe": {"num_experts": 4, "every_n_layers": 2}}, "no MoE block"),
+    ],
+)
+def test_dit_moe_mistakes_name_the_field(fields: dict, needle: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=needle):
+        tiny_diffusion(**fields)

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from ember.spec.base import Section
 from ember.spec.engine import EngineSpec
+from ember.spec.moe import MoESpec
 from ember.spec.optim import OptimSpec
 
 
@@ -42,6 +43,9 @@ class DiffusionSpec(ImageShape):
     sample_steps: int = Field(50, ge=1, description="DDIM steps (DDPM always walks all timesteps).")
     guidance: float = Field(1.0, ge=0, description="Classifier-free guidance scale; 1 is the plain conditional.")
     ema: EMASpec = Field(default_factory=EMASpec, description="Exponential moving average of the weights.")
+    moe: MoESpec | None = Field(
+        None, description="DiT only: Mixture-of-Experts FFNs in every n-th block (ember's MoE layer), ep_size 1."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DiffusionSpec:
@@ -50,6 +54,20 @@ class DiffusionSpec(ImageShape):
                 raise ValueError(f"heads={self.heads} must divide width={self.width}")
             if self.image_size % self.patch_size:
                 raise ValueError(f"patch_size={self.patch_size} must divide image_size={self.image_size}")
+        if self.moe is not None:
+            if self.backbone != "dit":
+                raise ValueError("moe: MoE FFNs need backbone: dit (the U-Net has no transformer FFNs)")
+            if self.moe.ep_size != 1:
+                # The EMA copy is saved once for all ranks (objectives/base.py): experts split over ranks
+                # would need one EMA file per EP rank. Expert parallelism is the GPT family's for now.
+                raise ValueError(f"moe.ep_size={self.moe.ep_size}: a diffusion DiT's experts are not split yet; use 1")
+            if not self.moe_layers:
+                raise ValueError(f"moe.every_n_layers={self.moe.every_n_layers} > depth={self.depth}: no MoE block")
+            if self.moe.experts_per_layer and len(self.moe.experts_per_layer) != len(self.moe_layers):
+                raise ValueError(
+                    f"moe.experts_per_layer has {len(self.moe.experts_per_layer)} entries; the DiT has "
+                    f"{len(self.moe_layers)} MoE blocks ({self.moe_layers} of depth={self.depth})"
+                )
         if self.backbone == "unet" and self.image_size % 2 ** (len(self.channel_mults) - 1):
             raise ValueError(f"{len(self.channel_mults)} U-Net levels halve image_size={self.image_size} too often")
         if self.sample_steps > self.timesteps:
@@ -57,9 +75,14 @@ class DiffusionSpec(ImageShape):
         return self
 
     @property
-    def moe(self) -> None:
-        """No MoE layers (the platform's MoE checks read model.moe)."""
-        return None
+    def moe_layers(self) -> list[int]:
+        """Indices of the DiT blocks whose FFN is a MoE layer (every n-th, as in the GPT)."""
+        if self.moe is None:
+            return []
+        return [i for i in range(self.depth) if (i + 1) % self.moe.every_n_layers == 0]
+
+    def moe_layer_spec(self, block: int) -> MoESpec:
+        return self.moe.layer(self.moe_layers.index(block))
 
 
 class NetworkSpec(Section):

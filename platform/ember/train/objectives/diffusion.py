@@ -182,15 +182,25 @@ class DiffusionObjective:
 
     def train_step(self, next_batch: NextBatch, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         total = torch.zeros((), dtype=torch.float64, device=self.world.device)
+        aux_total = torch.zeros((), dtype=torch.float64, device=self.world.device)
+        moe = self.model_spec.moe
         for _ in range(self.spec.grad_accumulation):
             batch = next_batch().to(self.world.device, non_blocking=True)
             labels = self.labels_of(batch, self.model_spec.label_dropout)
             loss = diffusion_loss(self.engine.forward, self.schedule, batch.images, labels)
-            self.engine.backward(loss)
+            objective = loss
+            if moe is not None:  # the DiT's MoE blocks left their load-balancing loss on the module
+                aux = self.engine.module.aux_loss
+                objective = loss + moe.aux_loss_weight * aux
+                aux_total += aux.detach().double()
+            self.engine.backward(objective)
             total += loss.detach().double()
         grad_norm = self.engine.step()
         self.ema.update(self.engine.module)
-        return {"loss": total / self.spec.grad_accumulation}, {"grad_norm": float(grad_norm), "lr": self.engine.lr()}
+        means = {"loss": total / self.spec.grad_accumulation}
+        if moe is not None:
+            means["aux_loss"] = aux_total / self.spec.grad_accumulation
+        return means, {"grad_norm": float(grad_norm), "lr": self.engine.lr()}
 
     @torch.no_grad()
     def eval_loss(self, next_batch: NextBatch, batches: int) -> torch.Tensor:

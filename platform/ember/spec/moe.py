@@ -1,0 +1,74 @@
+"""The `moe` sub-section shared by the GPT and the diffusion DiT: how many experts, routing, capacity, EP."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ember.spec.base import Section
+
+
+class MoESpec(Section):
+    num_experts: int = Field(8, ge=1, description="Experts per MoE layer (every layer, unless experts_per_layer).")
+    experts_per_layer: list[int] | None = Field(
+        None,
+        description="PR-MoE (DeepSpeed-MoE): experts of each MoE layer, shallow to deep, usually more in deeper "
+        "layers, e.g. [4, 8]; one entry per MoE layer. Overrides num_experts.",
+    )
+    top_k: int = Field(1, ge=1, le=2, description="Experts each token is routed to (1 or 2).")
+    capacity_factor: float = Field(
+        1.25, gt=0, description="Training capacity per expert, as a multiple of tokens/experts."
+    )
+    eval_capacity_factor: float = Field(2.0, gt=0, description="Capacity factor used in evaluation and generation.")
+    min_capacity: int = Field(4, ge=0, description="Lower bound on the per-expert capacity.")
+    drop_tokens: bool = Field(True, description="Drop tokens over capacity; false routes every token (dropless).")
+    ep_size: int = Field(1, ge=1, description="Expert-parallel group size: experts are split over this many ranks.")
+    every_n_layers: int = Field(2, ge=1, description="Every n-th transformer block uses a MoE FFN (the others dense).")
+    aux_loss_weight: float = Field(0.01, ge=0, description="Weight of the load-balancing loss added to the LM loss.")
+    z_loss_weight: float = Field(
+        0.0, ge=0, description="Weight of the router z-loss (ST-MoE: mean squared logsumexp of the router logits)."
+    )
+    noisy_gating: bool = Field(
+        False, description="Noisy top-k gating (Shazeer et al.): learned Gaussian noise on router logits in training."
+    )
+    routing: Literal["token_choice", "expert_choice"] = Field(
+        "token_choice",
+        description="token_choice: each token picks its top_k experts. expert_choice (Zhou et al. 2022): each expert "
+        "picks its capacity_factor x top_k x tokens / experts best tokens; balanced by construction, but not causal "
+        "(a token's experts depend on the rest of the batch). impl: ember only.",
+    )
+    residual: bool = Field(
+        False, description="Residual-MoE (DeepSpeed-MoE): a dense MLP beside the experts, mixed by a learned gate."
+    )
+    impl: Literal["ember", "deepspeed"] = Field(
+        "ember", description="MoE implementation: ember's sort-based layer, or DeepSpeed's MoE layer."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> MoESpec:
+        field = "experts_per_layer" if self.experts_per_layer else "num_experts"
+        for count in self.expert_counts:
+            if self.top_k > count:
+                raise ValueError(f"top_k={self.top_k} exceeds {field}={count}")
+            if count < 1 or count % self.ep_size:
+                raise ValueError(f"ep_size={self.ep_size} must divide {field}={count}")
+        if self.impl == "deepspeed" and (self.z_loss_weight > 0 or self.noisy_gating or self.routing != "token_choice"):
+            raise ValueError(
+                "z_loss_weight, noisy_gating and routing: expert_choice need impl: ember (DeepSpeed's gate has none)"
+            )
+        if self.z_loss_weight > 0 and self.aux_loss_weight == 0:
+            # The layer folds the z-loss into its aux term as z_loss_weight / aux_loss_weight (see moe/layer.py).
+            raise ValueError("z_loss_weight > 0 needs aux_loss_weight > 0")
+        return self
+
+    @property
+    def expert_counts(self) -> list[int]:
+        """The distinct expert counts of the MoE layers."""
+        return sorted(set(self.experts_per_layer or [self.num_experts]))
+
+    def layer(self, moe_index: int) -> MoESpec:
+        """The spec of the moe_index-th MoE layer: num_experts is that layer's (PR-MoE), the rest shared."""
+        if not self.experts_per_layer:
+            return self
+        return self.model_copy(update={"num_experts": self.experts_per_layer[moe_index], "experts_per_layer": None})
