@@ -82,14 +82,64 @@ def test_samplers_give_seeded_images_of_the_right_shape(backbone: str, sampler: 
     assert torch.equal(first, again) and not torch.equal(first, other)
 
 
-def test_generators_are_seeded_and_discriminator_scores_one_number_per_image() -> None:
-    spec = GANSpec(family="gan", generator={"width": 8, "z_dim": 8}, discriminator={"width": 8})
+@pytest.mark.parametrize("kind", ["dcgan", "stylegan2"])
+def test_generators_are_seeded_and_discriminator_scores_one_number_per_image(kind: str) -> None:
+    spec = GANSpec(family="gan", generator={"kind": kind, "width": 8, "z_dim": 8}, discriminator={"width": 8})
     torch.manual_seed(0)
     generator, discriminator = build_gan(spec)
     z, labels = torch.randn(5, 8, generator=torch.Generator().manual_seed(3)), torch.arange(5)
     images = generator.eval()(z, labels)
     assert images.shape == (5, 1, 8, 8) and torch.equal(images, generator(z, labels))
     assert discriminator(images, labels).shape == (5,)
+
+
+def test_modulated_conv_is_a_per_sample_conv_with_styled_demodulated_weights() -> None:
+    """The grouped convolution equals, sample by sample, a plain conv2d with weights scaled by that sample's
+    style and normalised per output channel; demodulation gives unit-variance outputs for unit inputs."""
+    import torch.nn.functional as F
+
+    from ember.models.gan import ModulatedConv2d
+
+    torch.manual_seed(0)
+    conv = ModulatedConv2d(64, 16, 3, w_dim=8)
+    torch.nn.init.normal_(conv.affine.weight)
+    x, w = torch.randn(4, 64, 16, 16), torch.randn(4, 8)
+    out = conv(x, w)
+    for i in range(4):
+        weight = conv.weight * conv.scale * conv.affine(w[i : i + 1])[0][None, :, None, None]
+        weight = weight / weight.square().sum(dim=(1, 2, 3), keepdim=True).sqrt()
+        torch.testing.assert_close(out[i : i + 1], F.conv2d(x[i : i + 1], weight, conv.bias, padding=1))
+    interior = out[:, :, 1:-1, 1:-1]  # away from the zero padding
+    assert 0.9 < float(interior.std(dim=(0, 2, 3)).mean()) < 1.1
+
+
+def test_stylegan2_generator_trains_against_d_with_r1_and_follows_its_class() -> None:
+    from ember.train.objectives.gan import discriminator_loss, generator_loss
+
+    spec = GANSpec(family="gan", generator={"kind": "stylegan2", "width": 8, "z_dim": 16, "mapping_layers": 2},
+                   discriminator={"width": 8})
+    torch.manual_seed(0)
+    generator, discriminator = build_gan(spec)
+    g_opt = torch.optim.Adam(generator.parameters(), lr=2e-3, betas=(0.0, 0.99))
+    d_opt = torch.optim.Adam(discriminator.parameters(), lr=2e-3, betas=(0.0, 0.99))
+    real, labels = torch.rand(16, 1, 8, 8) * 2 - 1, torch.arange(16) % 10
+    for _ in range(10):
+        real.requires_grad_(True)
+        real_scores = discriminator(real, labels)
+        fakes = generator(torch.randn(16, 16), labels)
+        d_loss = discriminator_loss(real_scores, discriminator(fakes.detach(), labels))
+        d_loss = d_loss + 0.05 * r1_penalty(real_scores, real)
+        d_opt.zero_grad()
+        d_loss.backward()
+        d_opt.step()
+        g_loss = generator_loss(discriminator(generator(torch.randn(16, 16), labels), labels))
+        g_opt.zero_grad()
+        g_loss.backward()
+        g_opt.step()
+        assert torch.isfinite(d_loss) and torch.isfinite(g_loss)
+    z = torch.randn(1, 16).expand(2, -1)
+    one, other = generator(z, torch.tensor([1, 7]))
+    assert not torch.allclose(one, other, atol=1e-3)  # the same latent, two classes: two images
 
 
 def test_r1_matches_the_gradient_norm_of_a_linear_critic() -> None:

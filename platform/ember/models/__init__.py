@@ -17,9 +17,10 @@ def build_denoiser(spec) -> nn.Module:
 
 def build_gan(spec) -> tuple[nn.Module, nn.Module]:
     """(generator, discriminator) of a GANSpec, built in that order (so one seed fixes both)."""
-    from ember.models.gan import Discriminator, Generator
+    from ember.models.gan import Discriminator, Generator, StyleGenerator
 
-    return Generator(spec), Discriminator(spec)
+    generator = StyleGenerator(spec) if spec.generator.kind == "stylegan2" else Generator(spec)
+    return generator, Discriminator(spec)
 
 
 __all__ = ["GPT", "ModelOutput", "build_denoiser", "build_gan", "build_model"]

@@ -1,6 +1,9 @@
-"""DCGAN-style class-conditional generator and projection discriminator, plain torch.
+"""Class-conditional GAN networks, plain torch.
 
-G: latent z and a class -> a 4x4 feature map -> (upsample, conv) until image_size -> tanh image in [-1, 1].
+G (`dcgan`): latent z and a class -> a 4x4 feature map -> (upsample, conv) until image_size -> tanh image.
+G (`stylegan2`): a mapping MLP turns (z, class) into a style w; from a learned 4x4 constant, every conv's
+weights are scaled per sample by an affine map of w and then demodulated to unit output variance
+(StyleGAN2's modulated convolution, without its noise inputs, so a seed fixes a sample).
 D: (conv, stride-2 conv) down to 4x4 -> a realness score, plus the projection term <embed(class), features>
 (Miyato & Koyama) that makes D class-aware at almost no cost.
 """
@@ -43,6 +46,71 @@ class Generator(nn.Module):
             z = z * self.classes(labels)  # multiplicative class conditioning of the latent
         h = F.relu(self.norm(self.project(z)))
         return torch.tanh(self.head(self.body(h)))
+
+
+class ModulatedConv2d(nn.Module):
+    """StyleGAN2's conv: weight * style (per input channel, per sample), demodulated per output channel.
+
+    Run as one grouped convolution over the batch (each sample its own weights), as the paper does.
+    Weights are stored N(0, 1) and scaled at run time (equalised learning rate)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, w_dim: int, demodulate: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_ch, in_ch, kernel, kernel))
+        self.scale = 1 / math.sqrt(in_ch * kernel * kernel)
+        self.affine = nn.Linear(w_dim, in_ch)
+        nn.init.ones_(self.affine.bias)  # styles start at 1: the plain conv
+        self.bias = nn.Parameter(torch.zeros(out_ch))
+        self.demodulate, self.padding = demodulate, kernel // 2
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        batch, in_ch, height, width = x.shape
+        styles = self.affine(w)  # [B, in]
+        weight = self.weight[None] * self.scale * styles[:, None, :, None, None]  # [B, out, in, k, k]
+        if self.demodulate:
+            weight = weight * torch.rsqrt(weight.pow(2).sum(dim=(2, 3, 4), keepdim=True) + 1e-8)
+        out = F.conv2d(x.reshape(1, batch * in_ch, height, width), weight.flatten(0, 1), padding=self.padding,
+                       groups=batch)  # fmt: skip
+        return out.view(batch, -1, height, width) + self.bias[None, :, None, None]
+
+
+class StyleGenerator(nn.Module):
+    """A small StyleGAN2-style G with the same call as the DCGAN one: G(z, labels) -> images in [-1, 1]."""
+
+    def __init__(self, spec: GANSpec) -> None:
+        super().__init__()
+        g = spec.generator
+        self.z_dim, self.num_classes = g.z_dim, spec.num_classes
+        w_dim = g.w_dim or g.z_dim
+        self.classes = nn.Embedding(spec.num_classes, g.z_dim) if spec.num_classes else None
+        layers, width = [], g.z_dim * (2 if spec.num_classes else 1)
+        for _ in range(g.mapping_layers):
+            layers += [nn.Linear(width, w_dim), nn.LeakyReLU(0.2)]
+            width = w_dim
+        self.mapping = nn.Sequential(*layers)
+        top = g.width * 2 ** stages(spec.image_size)
+        self.constant = nn.Parameter(torch.randn(1, top, 4, 4))
+        self.convs, ch = nn.ModuleList([ModulatedConv2d(top, top, 3, w_dim)]), top
+        for _ in range(stages(spec.image_size)):
+            self.convs.append(ModulatedConv2d(ch, ch // 2, 3, w_dim))
+            ch //= 2
+        self.to_image = ModulatedConv2d(ch, spec.channels, 1, w_dim, demodulate=False)
+
+    def style(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        z = z * torch.rsqrt(z.pow(2).mean(dim=1, keepdim=True) + 1e-8)  # pixel norm of the latent
+        if self.classes is not None:
+            embedded = self.classes(labels) if labels is not None else torch.zeros_like(z)
+            z = torch.cat([z, embedded * torch.rsqrt(embedded.pow(2).mean(dim=1, keepdim=True) + 1e-8)], dim=1)
+        return self.mapping(z)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.style(z, labels)
+        x = self.constant.expand(z.shape[0], -1, -1, -1)
+        for index, conv in enumerate(self.convs):
+            if index > 0:
+                x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            x = F.leaky_relu(conv(x, w), 0.2)
+        return torch.tanh(self.to_image(x, w))
 
 
 class Discriminator(nn.Module):

@@ -92,8 +92,14 @@ class NetworkSpec(Section):
 
 
 class GeneratorSpec(NetworkSpec):
-    kind: Literal["dcgan"] = Field("dcgan", description="dcgan: upsampling convs from a projected latent.")
+    kind: Literal["dcgan", "stylegan2"] = Field(
+        "dcgan",
+        description="dcgan: upsampling convs from a projected latent; stylegan2: a mapping network to a style w "
+        "and weight-modulated, demodulated convs from a learned 4x4 constant (Karras et al. 2020), small.",
+    )
     z_dim: int = Field(64, ge=1, description="Latent size.")
+    mapping_layers: int = Field(4, ge=1, description="stylegan2: layers of the mapping MLP z (+ class) -> w.")
+    w_dim: int | None = Field(None, ge=1, description="stylegan2: size of the style w; default z_dim.")
 
 
 class DiscriminatorSpec(NetworkSpec):
