@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from ember.spec.base import Section
 from ember.spec.engine import EngineSpec
-from ember.spec.moe import MoESpec
+from ember.spec.moe import MoEBlocks, MoESpec
 from ember.spec.optim import OptimSpec
 
 
@@ -24,7 +24,7 @@ class ImageShape(Section):
     num_classes: int = Field(10, ge=0, description="Classes for conditioning; 0 trains an unconditional model.")
 
 
-class DiffusionSpec(ImageShape):
+class DiffusionSpec(MoEBlocks, ImageShape):
     family: Literal["diffusion"] = Field(description="Model family: a denoising diffusion model.")
     backbone: Literal["unet", "dit"] = Field("unet", description="Noise predictor: a small U-Net or a DiT.")
     width: int = Field(64, ge=8, description="U-Net base channels, or the DiT's hidden width.")
@@ -75,14 +75,8 @@ class DiffusionSpec(ImageShape):
         return self
 
     @property
-    def moe_layers(self) -> list[int]:
-        """Indices of the DiT blocks whose FFN is a MoE layer (every n-th, as in the GPT)."""
-        if self.moe is None:
-            return []
-        return [i for i in range(self.depth) if (i + 1) % self.moe.every_n_layers == 0]
-
-    def moe_layer_spec(self, block: int) -> MoESpec:
-        return self.moe.layer(self.moe_layers.index(block))
+    def block_count(self) -> int:
+        return self.depth
 
 
 class NetworkSpec(Section):

@@ -8,10 +8,10 @@ from pydantic import Discriminator, Field, Tag, model_validator
 
 from ember.spec.base import Section
 from ember.spec.generative import DiffusionSpec, GANSpec
-from ember.spec.moe import MoESpec
+from ember.spec.moe import MoEBlocks, MoESpec
 
 
-class GPTSpec(Section):
+class GPTSpec(MoEBlocks, Section):
     family: Literal["gpt"] = Field("gpt", description="Model family: a decoder-only transformer.")
     vocab_size: int = Field(256, ge=2, description="Vocabulary size; 256 for byte-level text.")
     d_model: int = Field(192, ge=8, description="Residual stream width.")
@@ -37,15 +37,8 @@ class GPTSpec(Section):
         return self
 
     @property
-    def moe_layers(self) -> list[int]:
-        """Indices of the blocks whose FFN is a MoE layer."""
-        if self.moe is None:
-            return []
-        return [i for i in range(self.n_layers) if (i + 1) % self.moe.every_n_layers == 0]
-
-    def moe_layer_spec(self, block: int) -> MoESpec:
-        """The MoE spec of one block (its own expert count under PR-MoE)."""
-        return self.moe.layer(self.moe_layers.index(block))
+    def block_count(self) -> int:
+        return self.n_layers
 
     @property
     def ffn_width(self) -> int:

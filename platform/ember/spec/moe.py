@@ -72,3 +72,19 @@ class MoESpec(Section):
         if not self.experts_per_layer:
             return self
         return self.model_copy(update={"num_experts": self.experts_per_layer[moe_index], "experts_per_layer": None})
+
+
+class MoEBlocks:
+    """For a model section with a `moe` field and a `block_count` property: which blocks hold MoE FFNs.
+    (No annotations here: pydantic would read them as fields.)"""
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Indices of the blocks whose FFN is a MoE layer: every moe.every_n_layers-th."""
+        if self.moe is None:
+            return []
+        return [i for i in range(self.block_count) if (i + 1) % self.moe.every_n_layers == 0]
+
+    def moe_layer_spec(self, block: int) -> MoESpec:
+        """The MoE spec of one block (its own expert count under PR-MoE)."""
+        return self.moe.layer(self.moe_layers.index(block))
