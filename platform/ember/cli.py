@@ -283,7 +283,7 @@ def serve_(
     path: CheckpointArg,
     ep: Annotated[int, typer.Option("--ep", min=1, help="Expert-parallel ranks per replica.")] = 1,
     replicas: Annotated[int, typer.Option(min=1, help="Replicas, each with its own EP ranks.")] = 1,
-    host: Annotated[str, typer.Option(help="HTTP bind address; anything but 127.0.0.1 wants --token-file.")] = (
+    host: Annotated[str, typer.Option(help="HTTP bind address; anything but 127.0.0.1 needs --token-file.")] = (
         "127.0.0.1"
     ),
     port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,
@@ -302,8 +302,11 @@ def serve_(
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device {device}: use auto, cpu or cuda")
     token = _read_token(token_file) if token_file is not None else None
-    if host != "127.0.0.1" and token is None:
-        errors.print(f"warning: serving on {host} without --token-file: anyone who reaches it can use it", markup=False)
+    if host not in ("127.0.0.1", "localhost", "::1") and token is None:
+        raise UserError(
+            f"--host {host}: serving beyond this machine needs --token-file F (a bearer token every request must "
+            "send; e.g. `openssl rand -hex 24 > F`); Ray's own token does not protect the HTTP port"
+        )
     options = ServeOptions(str(path), ep, replicas, host, port, token, max_batch=max_batch,
                            max_tokens_limit=max_tokens, rank_cpus=cpus_per_rank)  # fmt: skip
     run_server(options, address, device, lambda line: console.print(line, markup=False, soft_wrap=True))

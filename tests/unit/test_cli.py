@@ -39,6 +39,7 @@ def test_validate_ok(capsys) -> None:
         (["data", "build", "video", "--out", "/tmp/x"], "unknown kind"),
         (["data", "build", "images", "--source", "nope", "--out", "/tmp/x"], "--source nope"),
         (["ckpt", "export", "/nonexistent/run", "--out", "/tmp/x.safetensors"], "/nonexistent/run"),
+        (["serve", "/nonexistent/run", "--host", "0.0.0.0"], "needs --token-file"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_message(args: list[str], needle: str, capsys) -> None:
