@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
+from ember.checkpoint.io import load_file
 from ember.checkpoint.manager import find_checkpoint
 from ember.checkpoint.manifest import read_manifest
 from ember.errors import UserError
@@ -88,6 +89,4 @@ def _dcp_state_dict(engine_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _torch_load(path: Path):
-    if not path.is_file():
-        raise UserError(f"{path}: missing from the checkpoint; it cannot be exported")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_file(path, "the checkpoint; it cannot be exported")

@@ -1,4 +1,5 @@
-"""How engines write checkpoint files: at once, or deferred (snapshot now, serialise on a thread).
+"""How engines write checkpoint files: at once, or deferred (snapshot now, serialise on a thread); and
+`load_file`, how every reader opens one.
 
 Inside `deferred_writes()`, `save_file` copies every tensor of the object into host memory and records
 the write instead of serialising it; the async checkpoint thread later calls `write_pending`. The loop
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ember.errors import UserError
 
 _pending: ContextVar[list[tuple[Any, Path]] | None] = ContextVar("ember_deferred_writes", default=None)
 
@@ -56,3 +59,10 @@ def write_pending(pending: list[tuple[Any, Path]], staged_root: Path, final_root
         target = final_root / path.relative_to(staged_root)
         target.parent.mkdir(parents=True, exist_ok=True)
         torch.save(obj, target)
+
+
+def load_file(path: Path, where: str = "the checkpoint", mmap: bool = False) -> Any:
+    """A checkpoint file on the CPU; a missing one is a UserError: "{path}: missing from {where}"."""
+    if not path.is_file():
+        raise UserError(f"{path}: missing from {where}")
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)

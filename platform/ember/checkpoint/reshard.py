@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ember.checkpoint.io import load_file
 from ember.errors import UserError
 from ember.models.layers.moe import is_expert_parameter
 from ember.models.layers.moe.deepspeed_compat import DEEPSPEED_GATE, EMBER_GATE, PER_EXPERT
@@ -485,6 +486,4 @@ def _pick(tensors: dict[str, Any], name: str) -> Any:
 
 
 def _load(path: Path, mmap: bool = False) -> Any:
-    if not path.is_file():
-        raise UserError(f"{path}: missing from the DeepSpeed checkpoint")
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    return load_file(path, "the DeepSpeed checkpoint", mmap=mmap)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ember.checkpoint.export import full_state_dict
+from ember.checkpoint.io import load_file
 from ember.checkpoint.manager import find_checkpoint
 from ember.checkpoint.manifest import read_manifest
 from ember.checkpoint.reshard import EXPERT_NAME, MODEL_STATES
@@ -61,7 +62,7 @@ def load_rank_model(path: Path, ep_size: int = 1, ep_rank: int = 0, verify: bool
 def rank_state_dict(engine_dir: Path, spec: JobSpec, held: dict[int, list[int]]) -> dict[str, torch.Tensor]:
     """Dense tensors plus the held experts, renumbered to the rank's local ids (per-expert layout)."""
     if spec.engine.kind == "deepspeed" and spec.model.moe is not None:
-        dense = _load(engine_dir / MODEL_STATES)["module"]
+        dense = load_file(engine_dir / MODEL_STATES)["module"]
         state = {name: tensor for name, tensor in dense.items() if not EXPERT_NAME.match(name)}
         state.update(_held_expert_files(engine_dir, spec, held))
     else:
@@ -81,7 +82,7 @@ def _held_expert_files(engine_dir: Path, spec: JobSpec, held: dict[int, list[int
         found += 1
         block = spec.model.moe_layers[int(match.group(1))]  # DeepSpeed numbers MoE layers in module order
         if int(match.group(2)) in held[block]:
-            state.update(_load(path))
+            state.update(load_file(path))
     if not found:
         raise UserError(f"{engine_dir}: no per-expert files (layer_*_expert_*); is this a MoE DeepSpeed checkpoint?")
     return state
@@ -98,9 +99,3 @@ def _local_name(name: str, held: dict[int, list[int]]) -> str:
         return name
     prefix, number, rest = expert.groups()
     return f"{prefix}{held[int(BLOCK.match(name).group(1))].index(int(number))}{rest}"
-
-
-def _load(path: Path) -> Any:
-    if not path.is_file():
-        raise UserError(f"{path}: missing from the checkpoint")
-    return torch.load(path, map_location="cpu", weights_only=False)
