@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from ember.errors import UserError
 from ember.evaluate.report import load_ema
+from ember.observe.images import to_picture, to_pixels
 from ember.spec import JobSpec
 
 
@@ -69,8 +69,6 @@ class ImageSampler:
 
 def png_bytes(image: torch.Tensor) -> bytes:
     """[C, H, W] in [-1, 1] -> a PNG (grey or RGB)."""
-    pixels = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    array = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
+    to_picture(to_pixels(image).permute(1, 2, 0).numpy()).save(buffer, format="PNG")
     return buffer.getvalue()
