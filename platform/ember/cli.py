@@ -172,14 +172,19 @@ def eval_(
     seeds: Annotated[str | None, typer.Option(help="Sampling seeds, comma-separated [0,1,2].")] = None,
     guidance: Annotated[str | None, typer.Option(help="Diffusion: guidance scales, comma-separated.")] = None,
     out: Annotated[Path | None, typer.Option(help="Report file [RUN_DIR/eval.json].")] = None,
+    inception_weights: Annotated[Path | None, typer.Option(
+        help="A local file of FID's Inception-v3 weights (torch-fidelity's or pytorch-fid's): adds real FID."
+    )] = None,
 ) -> None:
-    """Score samples: Frechet distance to held-out digits in a digits classifier's features, and class accuracy."""
+    """Score samples: Frechet distance to held-out digits in a digits classifier's features, and class accuracy;
+    real FID too with --inception-weights."""
     from ember.evaluate.report import evaluate_run, summary
 
     if not (run_dir / "checkpoints").is_dir() and not (run_dir / "manifest.json").is_file():
         raise UserError(f"{run_dir}: not a run folder (no checkpoints/); pass runs/<name>")
     report = evaluate_run(
-        run_dir, EMBER_HOME / "cache", n, _numbers(seeds, int, "--seeds"), _numbers(guidance, float, "--guidance"), out
+        run_dir, EMBER_HOME / "cache", n, _numbers(seeds, int, "--seeds"), _numbers(guidance, float, "--guidance"), out,
+        inception_weights,
     )
     console.print("\n".join(summary(report)), markup=False, highlight=False, soft_wrap=True)
     console.print(f"report: {out or run_dir / 'eval.json'}", markup=False)

@@ -20,6 +20,7 @@ from ember.checkpoint.manifest import read_manifest
 from ember.errors import UserError
 from ember.models import GPT, build_model
 from ember.spec import JobSpec
+from ember.spec.moe import single_process
 
 SPEC_KEY = "ember_spec"
 
@@ -39,10 +40,7 @@ def export_safetensors(path: Path, out: Path) -> Path:
 
 def build_single_process_model(spec: JobSpec) -> GPT:
     """The same architecture with every expert local (ep_size=1)."""
-    model_spec = spec.model
-    if model_spec.moe is not None:
-        model_spec = model_spec.model_copy(update={"moe": model_spec.moe.model_copy(update={"ep_size": 1})})
-    return build_model(model_spec, ep_rank=0, seed=spec.schedule.seed)
+    return build_model(single_process(spec.model), ep_rank=0, seed=spec.schedule.seed)
 
 
 def load_exported(path: Path) -> tuple[GPT, JobSpec]:

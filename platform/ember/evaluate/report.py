@@ -2,7 +2,8 @@
 
 Scores, per model variant (EMA or raw weights) and guidance scale, over several sampling seeds:
 - Frechet distance between the samples and the 297 held-out digits in the digits classifier's feature space;
-- class accuracy: how often the classifier names the class a sample was conditioned on (labels cycle 0..9).
+- class accuracy: how often the classifier names the class a sample was conditioned on (labels cycle 0..9);
+- with `inception_weights`, real FID as well: the same distance in Inception-v3's pool3 features.
 A reference row scores real training digits the same way: the floor a perfect model would reach.
 """
 
@@ -24,7 +25,9 @@ from ember.checkpoint.manifest import read_manifest
 from ember.errors import UserError
 from ember.evaluate.classifier import DigitsClassifier, digit_split, load_classifier
 from ember.evaluate.frechet import frechet_distance
+from ember.evaluate.inception import load_inception
 from ember.spec import JobSpec
+from ember.spec.moe import single_process
 
 Generate = Callable[[torch.Tensor, int], torch.Tensor]  # (labels, seed) -> images in [-1, 1]
 CHUNK = 250  # images per sampling batch: bounded memory at any --n
@@ -38,12 +41,14 @@ class Variant:
 
 
 class Scorer:
-    """Features and predictions of the cached classifier; the held-out digits' features computed once."""
+    """Features and predictions of the cached classifier (and Inception's features when given); the held-out
+    digits' features computed once."""
 
-    def __init__(self, classifier: DigitsClassifier, image_size: int) -> None:
-        self.classifier = classifier
+    def __init__(self, classifier: DigitsClassifier, image_size: int, inception: torch.nn.Module | None = None) -> None:
+        self.classifier, self.inception = classifier, inception
         (self.train_images, _), (held_out, _) = digit_split(image_size)
         self.reference = self.features(held_out)[0]
+        self.inception_reference = inception(held_out).numpy() if inception is not None else None
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -54,6 +59,8 @@ class Scorer:
     def score(self, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
         features, predicted = self.features(images)
         result = {"fd": frechet_distance(features, self.reference)}
+        if self.inception is not None:
+            result["fid"] = frechet_distance(self.inception(images).numpy(), self.inception_reference)
         if labels is not None:
             result["accuracy"] = float((predicted == labels.numpy()).mean())
         return result
@@ -61,24 +68,26 @@ class Scorer:
 
 def evaluate_run(
     run_dir: Path, cache_dir: Path, n: int = 1000, seeds: list[int] | None = None,
-    guidance: list[float] | None = None, out: Path | None = None,
+    guidance: list[float] | None = None, out: Path | None = None, inception_weights: Path | None = None,
 ) -> dict[str, Any]:
+    inception = load_inception(inception_weights) if inception_weights is not None else None
     checkpoint = find_checkpoint(Path(run_dir))
     manifest = read_manifest(checkpoint)
     spec = JobSpec.model_validate(manifest["spec"])
     image_size, num_classes = image_shape(spec)
-    scorer = Scorer(load_classifier(cache_dir, image_size), image_size)
+    scorer = Scorer(load_classifier(cache_dir, image_size), image_size, inception)
     seeds = seeds or [0, 1, 2]
     labels = torch.arange(n) % num_classes if num_classes else None
     rows = [score_variant(variant, scorer, labels, seeds) for variant in variants(spec, checkpoint, guidance)]
     generator = torch.Generator().manual_seed(0)
     real = [scorer.score(scorer.train_images[torch.randperm(len(scorer.train_images), generator=generator)[:n]],
-                         None)["fd"] for _ in seeds]
+                         None) for _ in seeds]
     report = {
         "run": str(Path(run_dir).absolute()), "checkpoint": checkpoint.name, "step": manifest["step"],
         "family": spec.model.family, "n": n, "seeds": seeds, "held_out": len(scorer.reference),
         "feature_space": "penultimate layer (128) of ember's digits classifier", "results": rows,
-        "reference": {"name": "real train digits", "fd": spread(real)},
+        "reference": {"name": "real train digits", **spreads(real, ["fd", "fid"])},
+        "inception_weights": str(Path(inception_weights).absolute()) if inception_weights is not None else None,
     }
     path = out or Path(run_dir) / "eval.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
@@ -99,9 +108,7 @@ def image_shape(spec: JobSpec) -> tuple[int, int]:
 def score_variant(variant: Variant, scorer: Scorer, labels: torch.Tensor | None, seeds: list[int]) -> dict:
     started = time.perf_counter()
     runs = [scorer.score(generate_all(variant.generate, labels, seed), labels) for seed in seeds]
-    row = {"model": variant.name, "guidance": variant.guidance, "fd": spread([r["fd"] for r in runs])}
-    if labels is not None:
-        row["accuracy"] = spread([r["accuracy"] for r in runs])
+    row = {"model": variant.name, "guidance": variant.guidance, **spreads(runs, ["fd", "fid", "accuracy"])}
     row["seconds"] = round(time.perf_counter() - started, 1)
     return row
 
@@ -117,6 +124,11 @@ def generate_all(generate: Generate, labels: torch.Tensor | None, seed: int, n: 
 
 def spread(values: list[float]) -> dict[str, Any]:
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "per_seed": [float(v) for v in values]}
+
+
+def spreads(runs: list[dict[str, float]], names: list[str]) -> dict[str, dict[str, Any]]:
+    """spread() of each score the runs have, by name."""
+    return {name: spread([run[name] for run in runs]) for name in names if name in runs[0]}
 
 
 def variants(spec: JobSpec, checkpoint: Path, guidance: list[float] | None) -> list[Variant]:
@@ -139,7 +151,7 @@ def diffusion_variants(spec: JobSpec, checkpoint: Path, guidance: list[float] | 
     from ember.models import build_denoiser
     from ember.train.objectives.diffusion import build_schedule, sample_images
 
-    model = build_denoiser(spec.model)
+    model = build_denoiser(single_process(spec.model))
     model.load_state_dict(load_ema(checkpoint, "model"))
     model.eval()
     schedule, shape = build_schedule(spec.model), (spec.model.channels, spec.model.image_size, spec.model.image_size)
@@ -199,7 +211,13 @@ def summary(report: dict[str, Any]) -> list[str]:
         accuracy = ""
         if "accuracy" in row:
             accuracy = f"  accuracy {row['accuracy']['mean']:.1%} +- {row['accuracy']['std']:.1%}"
-        lines.append(f"  {row['model']}{guidance}: FD {row['fd']['mean']:.2f} +- {row['fd']['std']:.2f}{accuracy}")
-    ref = report["reference"]["fd"]
-    lines.append(f"  real train digits (floor): FD {ref['mean']:.2f} +- {ref['std']:.2f}")
+        lines.append(f"  {row['model']}{guidance}: {distances(row)}{accuracy}")
+    lines.append(f"  real train digits (floor): {distances(report['reference'])}")
     return lines
+
+
+def distances(row: dict[str, Any]) -> str:
+    text = f"FD {row['fd']['mean']:.2f} +- {row['fd']['std']:.2f}"
+    if "fid" in row:
+        text += f"  FID {row['fid']['mean']:.2f} +- {row['fid']['std']:.2f}"
+    return text

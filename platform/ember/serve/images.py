@@ -13,6 +13,7 @@ from ember.errors import UserError
 from ember.evaluate.report import load_ema
 from ember.observe.images import to_picture, to_pixels
 from ember.spec import JobSpec
+from ember.spec.moe import single_process
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class ImageSampler:
             from ember.models import build_denoiser
             from ember.train.objectives.diffusion import build_schedule
 
-            self.model = build_denoiser(self.spec)
+            self.model = build_denoiser(single_process(self.spec))
             self.model.load_state_dict(load_ema(checkpoint, "model"))
             self.schedule = build_schedule(self.spec)
         elif self.spec.family == "gan":

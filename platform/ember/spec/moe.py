@@ -74,6 +74,15 @@ class MoESpec(Section):
         return self.model_copy(update={"num_experts": self.experts_per_layer[moe_index], "experts_per_layer": None})
 
 
+def single_process(model_spec):
+    """The same model section with every expert local (moe.ep_size 1): what export, eval and serving build to
+    load a checkpoint's whole weights, whatever EP size trained it."""
+    moe = getattr(model_spec, "moe", None)
+    if moe is None or moe.ep_size == 1:
+        return model_spec
+    return model_spec.model_copy(update={"moe": moe.model_copy(update={"ep_size": 1})})
+
+
 class MoEBlocks:
     """For a model section with a `moe` field and a `block_count` property: which blocks hold MoE FFNs.
     (No annotations here: pydantic would read them as fields.)"""
