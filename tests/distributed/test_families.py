@@ -1,7 +1,7 @@
 """Diffusion and GAN through the whole platform on 2 gloo ranks (torchrun, real digit shards, real engines):
-the diffusion loss (a DiT with a MoE block, DeepSpeed ZeRO-2) falls, the GAN trains without NaN with R1,
-and kill -9 then resume ends bitwise equal to an uninterrupted run in every checkpointed tensor: both
-networks, both optimizers, the EMA, the RNG states."""
+the diffusion loss (a DiT with a MoE block, its experts split over the 2 ranks, DeepSpeed ZeRO-2) falls, the
+GAN trains without NaN with R1, and kill -9 then resume ends bitwise equal to an uninterrupted run in every
+checkpointed tensor: both networks, both optimizers, the EMA (each EP rank's experts), the RNG states."""
 
 from __future__ import annotations
 
@@ -27,9 +27,10 @@ pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]
 STEPS, EVERY = 24, 4
 DIT_MOE = ("model={family: diffusion, backbone: dit, width: 32, depth: 2, heads: 4, patch_size: 2, timesteps: 100, "
-           "sample_steps: 5, ema: {decay: 0.9}, moe: {num_experts: 4, every_n_layers: 2, impl: ember}}")
+           "sample_steps: 5, ema: {decay: 0.9}, moe: {num_experts: 4, every_n_layers: 2, ep_size: 2, impl: ember}}")
 FAMILIES = {
-    # A DiT whose 2nd block is ember's MoE layer, under DeepSpeed ZeRO-2 (expert parameters in their own groups).
+    # A DiT whose 2nd block is ember's MoE layer with its 4 experts split over the 2 ranks (ep_size 2), under
+    # DeepSpeed ZeRO-2; each rank's EMA copy averages its own experts.
     "diffusion": ("tiny-diffusion", [DIT_MOE, "engine={kind: deepspeed, zero_stage: 2}", "optim.lr=3e-3"]),
     # DeepSpeed for both networks, each with its own ZeRO stage: two DeepSpeed engines in one process.
     "gan": ("tiny-gan", ["engine={kind: deepspeed, zero_stage: 1, grad_clip: null}",
@@ -106,7 +107,7 @@ def test_diffusion_loss_falls_and_gan_trains_without_nan_with_r1(runs) -> None:
         assert last < 0.8 * first, (first, last)
         assert all(0.5 < e["aux_loss"] < 4 for e in logs)  # the MoE block's balance loss, logged beside
         manifest = json.loads((runs["reference"] / "checkpoints" / f"step_{STEPS:06d}" / "manifest.json").read_text())
-        assert manifest["placement"]["layers"] == {"1": {"0": 0, "1": 0, "2": 0, "3": 0}}  # block 1, one EP rank
+        assert manifest["placement"]["layers"] == {"1": {"0": 0, "1": 0, "2": 1, "3": 1}}  # block 1, 2 EP ranks
     else:
         r1 = [e["r1"] for e in logs if "r1" in e]
         assert len(r1) == STEPS // 2 and all(np.isfinite(r1)) and max(r1) > 0  # lazy: every r1_interval=2 steps

@@ -225,11 +225,27 @@ def test_dit_with_moe_blocks_trains_and_reports_its_balance_loss() -> None:
     assert trained.all()  # every expert was routed tokens and learned
 
 
+def test_dit_ep_ranks_hold_the_experts_of_the_single_process_dit_by_global_id() -> None:
+    """With ep_size 2 each rank builds half of every MoE block's experts; the halves, joined, are the
+    experts a DiT with ep_size 1 builds from the same seed (what makes its checkpoints EP-size free)."""
+    fields = {"backbone": "dit", "width": 32, "depth": 2, "heads": 4, "patch_size": 2}
+    whole = build_denoiser(tiny_diffusion(**fields, moe={"num_experts": 4, "impl": "ember"}), seed=7)
+    split = tiny_diffusion(**fields, moe={"num_experts": 4, "ep_size": 2, "impl": "ember"})
+    halves = [build_denoiser(split, ep_rank=rank, seed=7) for rank in (0, 1)]
+    for name in ("w_in", "b_in", "w_out", "b_out"):
+        parts = [getattr(half.blocks[1].mlp.moe.experts, name) for half in halves]
+        assert parts[0].shape[0] * 2 == getattr(whole.blocks[1].mlp.moe.experts, name).shape[0]
+        assert torch.equal(torch.cat(parts), getattr(whole.blocks[1].mlp.moe.experts, name)), name
+    other_seed = build_denoiser(tiny_diffusion(**fields, moe={"num_experts": 4, "impl": "ember"}), seed=8)
+    assert not torch.equal(other_seed.blocks[1].mlp.moe.experts.w_in, whole.blocks[1].mlp.moe.experts.w_in)
+
+
 @pytest.mark.parametrize(
     ("fields", "needle"),
     [
         ({"backbone": "unet", "moe": {"num_experts": 4}}, "need backbone: dit"),
-        ({"backbone": "dit", "width": 32, "depth": 2, "moe": {"num_experts": 4, "ep_size": 2}}, "use 1"),
+        ({"backbone": "dit", "width": 32, "depth": 2, "moe": {"num_experts": 4, "ep_size": 2, "impl": "deepspeed"}},
+         "needs moe.impl: ember"),
         ({"backbone": "dit", "width": 32, "depth": 1, "moe": {"num_experts": 4, "every_n_layers": 2}}, "no MoE block"),
     ],
 )

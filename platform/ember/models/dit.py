@@ -3,9 +3,12 @@ class), unpatchify. Plain torch; same call signature as the U-Net: model(x_t, t,
 
 With `moe`, every n-th block's FFN is ember's MoE layer (as in the GPT); the forward keeps returning the
 prediction and leaves the blocks' summed load-balancing loss in `aux_loss`, which the diffusion objective
-adds to its MSE."""
+adds to its MSE. Under expert parallelism a rank builds only its own experts (`ep_rank`), each initialised
+from a seed of its global id, so any EP size holds the same experts."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -18,14 +21,14 @@ from ember.spec.moe import MoESpec
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, width: int, heads: int, cond_dim: int, moe: MoESpec | None = None) -> None:
+    def __init__(self, width: int, heads: int, cond_dim: int, moe: MoESpec | None = None, ep_rank: int = 0) -> None:
         super().__init__()
         self.heads = heads
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False)
         self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False)
         if moe is not None:
-            self.mlp = build_moe_ffn(width, 4 * width, moe, ep_rank=0, dropout=0.0)
+            self.mlp = build_moe_ffn(width, 4 * width, moe, ep_rank=ep_rank, dropout=0.0)
         else:
             self.mlp = nn.Sequential(
                 nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width)
@@ -48,7 +51,7 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    def __init__(self, spec: DiffusionSpec) -> None:
+    def __init__(self, spec: DiffusionSpec, ep_rank: int = 0, seed: int = 0) -> None:
         super().__init__()
         self.patch, self.channels = spec.patch_size, spec.channels
         self.side = spec.image_size // spec.patch_size
@@ -57,9 +60,12 @@ class DiT(nn.Module):
         self.embed = nn.Conv2d(spec.channels, width, spec.patch_size, stride=spec.patch_size)
         self.position = nn.Parameter(torch.randn(1, self.side**2, width) * 0.02)
         self.blocks = nn.ModuleList(
-            DiTBlock(width, spec.heads, 4 * width, spec.moe_layer_spec(i) if i in spec.moe_layers else None)
+            DiTBlock(width, spec.heads, 4 * width, spec.moe_layer_spec(i) if i in spec.moe_layers else None, ep_rank)
             for i in range(spec.depth)
         )
+        for index, block in enumerate(self.blocks):
+            if isinstance(block.mlp, MoEFFN):
+                block.mlp.init_experts(seed, index, linear_default_init)
         self.aux_loss = torch.zeros(())  # the last forward's summed MoE load-balancing loss
         self.norm = nn.LayerNorm(width, elementwise_affine=False)
         self.out = nn.Linear(width, spec.patch_size**2 * spec.channels)
@@ -81,3 +87,13 @@ class DiT(nn.Module):
         batch, p, side = x.shape[0], self.patch, self.side
         h = h.view(batch, side, side, p, p, self.channels).permute(0, 5, 1, 3, 2, 4)
         return h.reshape(batch, self.channels, side * p, side * p)
+
+
+def linear_default_init(module: nn.Module, generator: torch.Generator) -> None:
+    """nn.Linear's own initialisation (uniform, bound 1/sqrt(fan_in)) of every Linear, drawn from `generator`."""
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, nn.Linear):
+                bound = 1 / math.sqrt(layer.in_features)
+                layer.weight.uniform_(-bound, bound, generator=generator)
+                layer.bias.uniform_(-bound, bound, generator=generator)

@@ -44,7 +44,9 @@ class DiffusionSpec(MoEBlocks, ImageShape):
     guidance: float = Field(1.0, ge=0, description="Classifier-free guidance scale; 1 is the plain conditional.")
     ema: EMASpec = Field(default_factory=EMASpec, description="Exponential moving average of the weights.")
     moe: MoESpec | None = Field(
-        None, description="DiT only: Mixture-of-Experts FFNs in every n-th block (ember's MoE layer), ep_size 1."
+        None,
+        description="DiT only: Mixture-of-Experts FFNs in every n-th block (ember's MoE layer); ep_size > 1 splits "
+        "each MoE block's experts over that many ranks (the EMA copy's experts too).",
     )
 
     @model_validator(mode="after")
@@ -57,10 +59,10 @@ class DiffusionSpec(MoEBlocks, ImageShape):
         if self.moe is not None:
             if self.backbone != "dit":
                 raise ValueError("moe: MoE FFNs need backbone: dit (the U-Net has no transformer FFNs)")
-            if self.moe.ep_size != 1:
-                # The EMA copy is saved once for all ranks (objectives/base.py): experts split over ranks
-                # would need one EMA file per EP rank. Expert parallelism is the GPT family's for now.
-                raise ValueError(f"moe.ep_size={self.moe.ep_size}: a diffusion DiT's experts are not split yet; use 1")
+            if self.moe.ep_size > 1 and self.moe.impl != "ember":
+                # The EMA copy's experts are all-gathered whole for its checkpoint file (objectives/base.py),
+                # which needs ember's stacked expert tensors.
+                raise ValueError(f"moe.ep_size={self.moe.ep_size} in a DiT needs moe.impl: ember")
             if not self.moe_layers:
                 raise ValueError(f"moe.every_n_layers={self.moe.every_n_layers} > depth={self.depth}: no MoE block")
             if self.moe.experts_per_layer and len(self.moe.experts_per_layer) != len(self.moe_layers):

@@ -64,10 +64,23 @@ class Objective(Protocol):
 
 class ModelParts:
     """A checkpoint's engine/ folder: one engine at the top (the layout `ember ckpt export` reads) or one
-    subfolder per engine, plus `ema.pt` with every EMA copy (identical on all ranks, so rank 0 writes it)."""
+    subfolder per engine, plus `ema.pt` with every EMA copy, written by rank 0. An EMA copy's weights are the
+    same on every rank, except under expert parallelism, where each EP rank averages only its own experts:
+    those are all-gathered into ep_size 1 layout for the file (so eval, serving and a resume on any EP size
+    read it) and each rank takes its slice back on load. BatchNorm statistics are rank 0's, as DDP keeps
+    them (DeepSpeed leaves each rank its own)."""
 
     def __init__(self, engines: dict[str, Engine], emas: dict[str, EMA], world: World) -> None:
         self.engines, self.emas, self.world = engines, emas, world
+        self.expert_shards = {}
+        if world.ep_size > 1:
+            from ember.engines.expert_shards import ExpertShards
+            from ember.models.layers.moe import is_expert_parameter
+
+            for name in emas:
+                module = engines[name].module
+                if any(is_expert_parameter(p) for p in module.parameters()):
+                    self.expert_shards[name] = ExpertShards(module, world)  # names match the EMA copy's state
 
     @property
     def nested(self) -> bool:
@@ -86,8 +99,11 @@ class ModelParts:
             target = self.folder_of(folder, name)
             target.mkdir(parents=True, exist_ok=True)
             engine.save(target)
+        states = {name: ema.state_dict() for name, ema in self.emas.items()}
+        for name, shards in self.expert_shards.items():  # collective over each EP group
+            states[name]["module"] = shards.model_state(states[name]["module"])
         if self.emas and self.world.is_main:
-            save_file({name: ema.state_dict() for name, ema in self.emas.items()}, folder / "ema.pt")
+            save_file(states, folder / "ema.pt")
         self.world.barrier()
 
     def load(self, folder: Path) -> None:
@@ -96,7 +112,10 @@ class ModelParts:
         if self.emas:
             saved = torch.load(folder / "ema.pt", map_location=self.world.device, weights_only=False)
             for name, ema in self.emas.items():
-                ema.load_state_dict(saved[name])
+                state = saved[name]
+                if name in self.expert_shards:
+                    state = {**state, "module": self.expert_shards[name].load_model_state(state["module"])}
+                ema.load_state_dict(state)
 
 
 def build_objective(spec, world: World) -> Objective:

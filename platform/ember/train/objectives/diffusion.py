@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ember.data.formats import ImageBatch
 from ember.engines import build_engine
 from ember.models import build_denoiser
+from ember.models.layers.moe.deepspeed_compat import attach_expert_groups
 from ember.spec.generative import DiffusionSpec
 from ember.train.ema import EMA
 from ember.train.objectives.base import ModelParts, NextBatch, Sample, class_grid
@@ -167,9 +168,11 @@ class DiffusionObjective:
 
     def __init__(self, spec, world: World) -> None:
         self.spec, self.world, self.model_spec = spec, world, spec.model
-        model = build_denoiser(spec.model).to(world.device)
+        model = build_denoiser(spec.model, world.ep_rank, spec.schedule.seed).to(world.device)
         self.ema = EMA(model, spec.model.ema.decay, spec.model.ema.start_step)
         self.engine = build_engine(spec, model, world)
+        if world.ep_size > 1:  # the EMA copy's MoE blocks exchange tokens with the other EP ranks' copies
+            attach_expert_groups(self.ema.module, world.backend)
         self.engines = {"model": self.engine}
         self.parts = ModelParts(self.engines, {"model": self.ema}, world)
         self.schedule = build_schedule(spec.model)
