@@ -27,11 +27,9 @@ COUNT = 10  # images per set: ~0.2 s each through a 299x299 Inception on 2 cores
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     network = FIDInception()
-    with torch.no_grad():  # trained-like BatchNorm statistics, not the identity defaults
-        for module in network.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.5, 2.0)
+    for module in network.modules():  # He init keeps the signal's scale through the 94 convolutions (torch's
+        if isinstance(module, torch.nn.Conv2d):  # default shrinks it until every image has the same features)
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
     path = tmp_path_factory.mktemp("inception") / "weights-inception-2015-12-05-6726825d.pth"
     torch.save(network.state_dict(), path)
     return path
@@ -57,7 +55,7 @@ def test_weights_load_and_fid_separates_digits_from_noise(weights: Path) -> None
     features = [network(images).numpy() for images in (held_out[:COUNT], real, noise)]
     assert features[0].shape == (COUNT, 2048)
     real_fid, noise_fid = frechet_distance(features[1], features[0]), frechet_distance(features[2], features[0])
-    assert noise_fid > 3 * real_fid, (real_fid, noise_fid)
+    assert real_fid > 0.1 and noise_fid > 10 * real_fid, (real_fid, noise_fid)  # measured: 1.8 and 70
 
 
 def test_wrong_files_name_the_file_and_what_to_do(weights: Path, tmp_path: Path) -> None:
