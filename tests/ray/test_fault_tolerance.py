@@ -1,7 +1,8 @@
-"""Real faults on a real local Ray: kill -9 of a worker, SIGTERM to the driver. Resumes are bitwise exact."""
+"""Real faults on a real local Ray: kill -9 of a worker, SIGTERM to the driver, Ctrl-C. Resumes are bitwise exact."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -102,3 +103,22 @@ def test_sigterm_to_the_driver_checkpoints_exits_75_and_resumes_exactly(shards, 
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"(step {preempted_at})" in resumed.stdout
     assert_bitwise_equal(final_weights(run_dir, tmp_path), uninterrupted)
+
+
+def test_ctrl_c_checkpoints_at_the_next_step_and_exits_75(shards, tmp_path: Path) -> None:
+    """Ctrl-C as a terminal sends it: SIGINT to the whole process group (driver, Ray, workers)."""
+    run_dir = tmp_path / "interrupted"
+    process = subprocess.Popen(command(run_dir, shards), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        wait_for_step(run_dir, 8, process)
+        os.killpg(process.pid, signal.SIGINT)
+        output, _ = process.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == RESUMABLE_EXIT_CODE, output
+    assert "Ctrl-C: checkpointing at the next step boundary" in output and "Traceback" not in output
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    stopped_at = next(e["step"] for e in events if e["kind"] == "preempted")
+    assert 8 <= stopped_at < STEPS and (run_dir / "checkpoints" / f"step_{stopped_at:06d}" / "manifest.json").is_file()

@@ -9,6 +9,7 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -86,13 +87,25 @@ def ray_session(spec: JobSpec, verbose: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def forward_preemption_signals(run_dir: Path) -> Iterator[None]:
-    """SIGTERM/SIGUSR1 to the driver become a preemption request the workers act on at a step boundary."""
+    """SIGTERM/SIGUSR1 to the driver become a preemption request the workers act on at a step boundary.
+    So does a first Ctrl-C (SIGINT): the run checkpoints and stops with the resumable exit code, instead of
+    losing the steps since the last checkpoint; a second Ctrl-C aborts at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    watched = (*SIGNALS, signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in watched}
     for sig in SIGNALS:
         signal.signal(sig, lambda signum, _frame: request_preemption(run_dir, signal.Signals(signum).name))
+
+    def on_interrupt(_signum: int, _frame) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C raises KeyboardInterrupt
+        request_preemption(run_dir, "SIGINT")
+        print("\nCtrl-C: checkpointing at the next step boundary, then stopping (`ember run` again resumes); "
+              "Ctrl-C again aborts now", file=sys.stderr, flush=True)
+
+    if previous[signal.SIGINT] is not signal.SIG_IGN:  # a background job started with SIGINT ignored keeps it so
+        signal.signal(signal.SIGINT, on_interrupt)
     try:
         yield
     finally:
