@@ -96,6 +96,9 @@ class GeneratorSpec(NetworkSpec):
     z_dim: int = Field(64, ge=1, description="Latent size.")
     mapping_layers: int = Field(4, ge=1, description="stylegan2: layers of the mapping MLP z (+ class) -> w.")
     w_dim: int | None = Field(None, ge=1, description="stylegan2: size of the style w; default z_dim.")
+    mapping_lr_mul: float = Field(
+        0.01, gt=0, le=1, description="stylegan2: the mapping network learns this many times as fast (StyleGAN2: 0.01)."
+    )
 
 
 class DiscriminatorSpec(NetworkSpec):
