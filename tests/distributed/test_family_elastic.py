@@ -104,7 +104,8 @@ def test_a_checkpoint_of_2_ranks_loads_on_1_rank_with_every_engine_and_ema_tenso
     assert (tmp_path / "ema.pt").is_file()
     resumed = run_on_ranks(load_and_train, 1, family, str(tmp_path))[0]
     whole, buffers = resumed["held"], resumed["held"].pop("buffers")
-    [rank.pop("buffers") for rank in saved]
+    for rank in saved:
+        del rank["buffers"]
     assert set(whole) == set(saved[0]) and len(whole) == (2 if family == "diffusion" else 3)
     experts = 0
     for part, tensors in whole.items():

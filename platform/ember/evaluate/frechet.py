@@ -7,7 +7,7 @@ import numpy as np
 
 def gaussian(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     features = np.asarray(features, dtype=np.float64)
-    return features.mean(axis=0), np.cov(features, rowvar=False)
+    return features.mean(axis=0), np.atleast_2d(np.cov(features, rowvar=False))  # 1 feature: a 1x1 matrix
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -19,9 +19,8 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     when few samples make the covariances singular)."""
     mu_a, cov_a = gaussian(a)
     mu_b, cov_b = gaussian(b)
-    values, vectors = np.linalg.eigh(np.atleast_2d(cov_a))
+    values, vectors = np.linalg.eigh(cov_a)
     root_a = (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
-    middle = root_a @ np.atleast_2d(cov_b) @ root_a
+    middle = root_a @ cov_b @ root_a
     trace_root = np.sqrt(np.linalg.eigvalsh((middle + middle.T) / 2).clip(min=0)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(np.atleast_2d(cov_a)) + np.trace(np.atleast_2d(cov_b))
-                 - 2 * trace_root)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root)

@@ -207,10 +207,11 @@ def load_inception(path: Path, device: str | None = None) -> FIDInception:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip or torch format errors all mean the same thing here
         raise UserError(f"--inception-weights {path}: not a torch weights file ({err}); {hint}") from err
-    model = FIDInception()
     if not isinstance(state, dict):
         raise UserError(f"--inception-weights {path}: holds a {type(state).__name__}, not a state dict; {hint}")
-    expected, found = set(model.state_dict()), set(state)
+    model = FIDInception()
+    own = model.state_dict()
+    expected, found = set(own), set(state)
     missing = sorted(expected - found)
     unexpected = sorted(name for name in found - expected if not name.startswith("AuxLogits."))  # torchvision's
     if missing or unexpected:
@@ -218,7 +219,7 @@ def load_inception(path: Path, device: str | None = None) -> FIDInception:
             f"--inception-weights {path}: not Inception-v3 FID weights (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}); {hint}"
         )
-    for name, tensor in model.state_dict().items():  # e.g. torchvision's ImageNet weights: a 1000-way head
+    for name, tensor in own.items():  # e.g. torchvision's ImageNet weights: a 1000-way head
         if tuple(state[name].shape) != tuple(tensor.shape):
             raise UserError(
                 f"--inception-weights {path}: {name} has shape {list(state[name].shape)}, FID's network has "
