@@ -18,6 +18,9 @@ from tests.helpers.distributed import free_port
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
+# A tiny-moe step takes ~25 ms: the job must outlast the ~3 s from its first commit to the node being gone
+# (with 36 steps it did not: the job had finished and the kill only hit its shutdown).
+STEPS = 400
 
 
 def ember(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -27,11 +30,11 @@ def ember(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return done
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
+def wait_for(predicate, timeout: float, what: str, poll: float = 1.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(1)
+        time.sleep(poll)
 
 
 def events(run_dir: Path) -> list[dict]:
@@ -47,8 +50,8 @@ def test_expert_parallel_job_spans_two_nodes_and_survives_losing_one(tmp_path: P
     ember("up", "--name", head, "--port", str(port), "--gcs-port", str(gcs), "--num-cpus", "1", env=env)
     try:
         ember("up", "--name", node, "--join", f"127.0.0.1:{gcs}", "--num-cpus", "1", env=env)
-        sets = [f"run_dir={run_dir}", *shard_overrides(text_shards), "schedule.steps=36", "checkpoint.every_n_steps=5",
-                "cluster.max_failures=3", "logging.sample_tokens=0"]
+        sets = [f"run_dir={run_dir}", *shard_overrides(text_shards), f"schedule.steps={STEPS}",
+                "checkpoint.every_n_steps=10", "cluster.max_failures=3", "logging.sample_tokens=0"]
         submitted = ember("submit", str(REPO / "jobs/debug/tiny-moe.yaml"), "--address", f"http://127.0.0.1:{port}",
                           *[p for s in sets for p in ("--set", s)], env=env)
         job = submitted.stdout.split("submitted ")[1].split()[0]
@@ -59,8 +62,11 @@ def test_expert_parallel_job_spans_two_nodes_and_survives_losing_one(tmp_path: P
         def logs(job: str) -> str:  # the job's own output, shown when an assertion about it fails
             return ember("logs", job, "--address", f"http://127.0.0.1:{port}", env=env).stdout[-6000:]
 
-        wait_for(lambda: any(e["kind"] == "step" and e["step"] >= 12 for e in events(run_dir)), 300, "step 12")
-        latest = sorted((run_dir / "checkpoints").glob("step_*/manifest.json"))[-1]  # committed: manifest last
+        def committed() -> list[Path]:  # the manifest is written last: its presence is the commit
+            return sorted((run_dir / "checkpoints").glob("step_*/manifest.json"))
+
+        wait_for(lambda: committed(), 300, "the first committed checkpoint", poll=0.2)
+        latest = committed()[-1]
         manifest = json.loads(latest.read_text())
         assert len({rank["node_id"] for rank in manifest["placement"]["ranks"]}) == 2  # EP ranks on both nodes
         assert manifest["placement"]["layers"]["1"] == {"0": 0, "1": 0, "2": 1, "3": 1}  # expert -> EP rank
@@ -76,8 +82,8 @@ def test_expert_parallel_job_spans_two_nodes_and_survives_losing_one(tmp_path: P
         wait_for(lambda: status(job) in ("SUCCEEDED", "FAILED", "STOPPED"), 400, "the job to finish")
         assert status(job) == "SUCCEEDED", logs(job)
         resumes = [e for e in events(run_dir)[before:] if e["kind"] == "resume"]
-        assert resumes and resumes[0]["step"] % 5 == 0 and resumes[0]["step"] >= 10
-        assert (run_dir / "checkpoints" / "step_000036" / "manifest.json").is_file()
+        assert resumes and resumes[0]["step"] % 10 == 0 and 10 <= resumes[0]["step"] < STEPS, resumes
+        assert (run_dir / "checkpoints" / f"step_{STEPS:06d}" / "manifest.json").is_file()
     finally:
         subprocess.run([sys.executable, "-m", "ember.cli", "down", "--name", node], env=env, capture_output=True)
         subprocess.run([sys.executable, "-m", "ember.cli", "down", "--name", head], env=env, capture_output=True)
