@@ -17,6 +17,7 @@ from safetensors.torch import load_model, save_model
 from ember.checkpoint.io import load_file
 from ember.checkpoint.manager import find_checkpoint
 from ember.checkpoint.manifest import read_manifest
+from ember.checkpoint.reshard import EXPERT_WEIGHTS_GLOB, MODEL_STATES
 from ember.errors import UserError
 from ember.models import GPT, build_model
 from ember.spec import JobSpec
@@ -71,8 +72,8 @@ def _deepspeed_state_dict(engine_dir: Path, spec: JobSpec) -> dict[str, torch.Te
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(engine_dir.parent), tag=engine_dir.name)
-    state = _torch_load(engine_dir / "mp_rank_00_model_states.pt")["module"]
-    for expert_file in sorted(engine_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
+    state = _torch_load(engine_dir / MODEL_STATES)["module"]
+    for expert_file in sorted(engine_dir.glob(EXPERT_WEIGHTS_GLOB)):
         state.update(_torch_load(expert_file))  # keys already carry global expert ids
     return {name: tensor.float() for name, tensor in state.items()}
 

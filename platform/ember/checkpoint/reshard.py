@@ -46,6 +46,7 @@ ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")  # bf16_: bf16 ZeRO-1/2
 EXPERT_OPTIM_FILE = "expp_rank_{}_mp_rank_00_optim_states.pt"
 EXPERT_WEIGHTS_GLOB = "layer_*_expert_*_mp_rank_00_model_states.pt"
+EXPERT_WEIGHTS_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")  # MoE layer, expert
 EXPERT_NAME = re.compile(r"^(.*\.deepspeed_experts\.)(\d+)(\..+)$")
 STACKED_NAME = re.compile(r"^(.*\.)experts\.(w_in|b_in|w_out|b_out)$")  # ember's stacked experts
 EXPERTS_OF_LAYER = PER_EXPERT.split("{}")[0]  # a MoE layer's name + this: the prefix of its experts' names

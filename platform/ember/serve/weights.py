@@ -17,14 +17,13 @@ from ember.checkpoint.export import full_state_dict
 from ember.checkpoint.io import load_file
 from ember.checkpoint.manager import find_checkpoint
 from ember.checkpoint.manifest import read_manifest
-from ember.checkpoint.reshard import EXPERT_NAME, MODEL_STATES
+from ember.checkpoint.reshard import EXPERT_NAME, EXPERT_WEIGHTS_FILE, MODEL_STATES
 from ember.errors import UserError
 from ember.models import GPT, build_model
 from ember.models.layers.moe.deepspeed_compat import to_per_expert_layout
 from ember.serve.placement import experts_of_rank, serving_spec
 from ember.spec import JobSpec
 
-EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -76,7 +75,7 @@ def _held_expert_files(engine_dir: Path, spec: JobSpec, held: dict[int, list[int
     state: dict[str, torch.Tensor] = {}
     found = 0
     for path in engine_dir.iterdir():
-        match = EXPERT_FILE.match(path.name)
+        match = EXPERT_WEIGHTS_FILE.match(path.name)
         if match is None:
             continue
         found += 1
