@@ -4,7 +4,7 @@ Issue 9's reference figures ("what plain torch reaches on this machine in 290 s"
 feature space nobody here has, so this script re-creates the reference and scores it beside ember's runs
 with the same scorer, samples and seeds. The reference is one process with no Ray, DeepSpeed, shards or
 checkpoints: the digits' train split in memory, the same networks (ember's models are plain nn.Modules),
-and a hand-written loop, loss, EMA and DDIM sampler of its own (so ember's are checked against them too),
+and a hand-written loop, loss, EMA and DDIM sampler of its own (a fault in ember's would show as a gap),
 trained for `--seconds` on all the machine's threads. ember's side is whatever `ember run` left in the
 run folders given (the example jobs, trained beforehand):
 
