@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ember.evaluate.classifier import digit_split, load_classifier
-from ember.evaluate.report import Scorer, evaluate_run, generate_all, spreads
+from ember.evaluate.report import Scorer, Variant, evaluate_run, score_variant
 from ember.models import build_denoiser, build_gan
 from ember.spec import JobSpec
 
@@ -94,9 +94,10 @@ def train_diffusion(spec: JobSpec, seconds: float, decays: list[float]) -> tuple
 
 
 @torch.no_grad()
-def ddim(net, alpha_bar: torch.Tensor, labels: torch.Tensor, null: int, scale: float, steps: int, seed: int):
+def ddim(net, alpha_bar: torch.Tensor, shape: tuple[int, ...], labels: torch.Tensor, null: int, scale: float,
+         steps: int, seed: int):
     """DDIM, eta 0, with classifier-free guidance and x0 clipped to the data range."""
-    x = torch.randn((len(labels), 1, 8, 8), generator=torch.Generator().manual_seed(seed))
+    x = torch.randn((len(labels), *shape), generator=torch.Generator().manual_seed(seed))
     times = torch.linspace(len(alpha_bar) - 1, 0, steps).round().long().tolist()
     for now, after in zip(times, [*times[1:], None], strict=True):
         t = torch.full((len(x),), now)
@@ -145,22 +146,23 @@ def train_gan(spec: JobSpec, seconds: float, decays: list[float]) -> tuple[dict,
     return {**averages, "raw": generator.eval()}, steps
 
 
-def score(scorer: Scorer, generate, n: int, seeds: list[int]) -> dict:
-    labels = torch.arange(n) % 10
-    return spreads([scorer.score(generate_all(generate, labels, seed), labels) for seed in seeds], ["fd", "accuracy"])
+def reference_row(spec: JobSpec, scorer: Scorer, variant: Variant, seeds: list[int], n: int, steps: int) -> dict:
+    """ember eval's scoring of one variant (labels cycling over the classes), plus the steps it trained."""
+    labels = torch.arange(n) % spec.model.num_classes
+    return {**score_variant(variant, scorer, labels, seeds), "steps": steps}
 
 
 def reference_diffusion(spec: JobSpec, scorer: Scorer, args) -> list[dict]:
-    decays = [spec.model.ema.decay, 0.999]  # the job's and the issue's reference EMA
-    averages, steps = train_diffusion(spec, args.seconds, decays)
-    alpha_bar, null = cosine_alpha_bar(spec.model.timesteps), spec.model.num_classes
+    model = spec.model
+    averages, steps = train_diffusion(spec, args.seconds, [model.ema.decay, 0.999])  # the job's and the issue's
+    alpha_bar, shape = cosine_alpha_bar(model.timesteps), (model.channels, model.image_size, model.image_size)
     rows = []
     for decay, net in averages.items():
         for scale in args.guidance:
             def generate(labels, seed, net=net, scale=scale):
-                return ddim(net, alpha_bar, labels.long(), null, scale, spec.model.sample_steps, seed)
-            rows.append({"model": f"ema {decay}", "guidance": scale, "steps": steps,
-                         **score(scorer, generate, args.n, args.diffusion_seeds)})
+                return ddim(net, alpha_bar, shape, labels.long(), model.num_classes, scale, model.sample_steps, seed)
+            rows.append(reference_row(spec, scorer, Variant(f"ema {decay}", scale, generate), args.diffusion_seeds,
+                                      args.n, steps))
     return rows
 
 
@@ -168,13 +170,12 @@ def reference_gan(spec: JobSpec, scorer: Scorer, args) -> list[dict]:
     networks, steps = train_gan(spec, args.seconds, [spec.model.ema.decay, 0.995, 0.999])
     rows = []
     for name, generator in networks.items():
+        @torch.no_grad()
         def generate(labels, seed, generator=generator):
-            with torch.no_grad():
-                z = torch.randn(len(labels), spec.model.generator.z_dim, generator=torch.Generator().manual_seed(seed))
-                return generator(z, labels.long())
-        label = name if name == "raw" else f"ema {name}"
-        scores = score(scorer, generate, args.n, args.gan_seeds)
-        rows.append({"model": label, "guidance": None, "steps": steps, **scores})
+            z = torch.randn(len(labels), spec.model.generator.z_dim, generator=torch.Generator().manual_seed(seed))
+            return generator(z, labels.long())
+        variant = Variant(name if name == "raw" else f"ema {name}", None, generate)
+        rows.append(reference_row(spec, scorer, variant, args.gan_seeds, args.n, steps))
     return rows
 
 

@@ -65,7 +65,7 @@ def test_expert_parallel_job_spans_two_nodes_and_survives_losing_one(tmp_path: P
         def committed() -> list[Path]:  # the manifest is written last: its presence is the commit
             return sorted((run_dir / "checkpoints").glob("step_*/manifest.json"))
 
-        wait_for(lambda: committed(), 300, "the first committed checkpoint", poll=0.2)
+        wait_for(committed, 300, "the first committed checkpoint", poll=0.2)
         latest = committed()[-1]
         manifest = json.loads(latest.read_text())
         assert len({rank["node_id"] for rank in manifest["placement"]["ranks"]}) == 2  # EP ranks on both nodes
