@@ -97,13 +97,15 @@ def mix_choice(seed: int, slot: int, row: int, weights: tuple[float, ...]) -> in
 class SlotCursor:
     """Position of the next row of one slot: the epoch, the shard within the slot's list, the sample
     within that shard, the token offset within that sample (its separator counts), and where that sample
-    starts in the tar (0 when unknown), so a resume can seek there instead of reading up to it."""
+    starts in the tar (0 when unknown), so a resume can seek there instead of reading up to it. `skipped`
+    counts what the slot passed over under on_error=skip since the run began."""
 
     epoch: int = 0
     shard_pos: int = 0
     sample_index: int = 0
     byte_offset: int = 0
     tar_offset: int = 0
+    skipped: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -111,7 +113,8 @@ class SlotCursor:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> SlotCursor:
         fields = {name: int(raw[name]) for name in ("epoch", "shard_pos", "sample_index", "byte_offset")}
-        return cls(**fields, tar_offset=int(raw.get("tar_offset", 0)))  # cursors saved before offsets: 0
+        # cursors saved before offsets or skip counts: 0
+        return cls(**fields, tar_offset=int(raw.get("tar_offset", 0)), skipped=int(raw.get("skipped", 0)))
 
     def next_sample(self, index: int, tar_offset: int = 0) -> None:
         """Move to sample `index` of the current shard (later ones may have been skipped)."""

@@ -131,10 +131,10 @@ class SlotWorkers(IterableDataset):
         stream = self.make_stream(worker=worker)
         try:
             if self.start is not None:
-                stream.load_state(self.start)
+                stream.load_state(self.start, check_shards=False)  # the trainer's process checked them
             while True:
                 stacked = stream.rows.stack(stream.next_rows())
-                yield WorkerBatch(worker, stacked, stream.state(), stream.skipped)
+                yield WorkerBatch(worker, stacked, stream.position(), stream.skipped)
         except UserError as exc:
             yield WorkerFailure(str(exc))
         finally:
@@ -157,7 +157,11 @@ class WorkerLoader:
 
     @property
     def skipped(self) -> int:
-        return sum(item.skipped for item in self._consumed.values())
+        """What every worker skipped: from its last batch, or from the cursor it resumes at."""
+        return sum(
+            self._consumed[w].skipped if w in self._consumed else self._initial[w].skipped
+            for w in range(self.num_workers)
+        )
 
     def __iter__(self) -> WorkerLoader:
         return self
@@ -181,17 +185,17 @@ class WorkerLoader:
 
     def state(self) -> dict[str, Any]:
         parts = [
-            self._consumed[w].state if w in self._consumed else self._initial[w].state()
+            self._consumed[w].state if w in self._consumed else self._initial[w].position()
             for w in range(self.num_workers)
         ]
-        merged = merge_states(parts)
+        merged = {**merge_states(parts), "shards": self._initial[0].shard_identities()}
         merged["next_slot"][next_worker_key(self.rank, self.world_size, self.num_workers)] = self._next_worker
         return merged
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.close()
-        for stream in self._initial:
-            stream.load_state(state)
+        for worker, stream in enumerate(self._initial):
+            stream.load_state(state, check_shards=worker == 0)  # the workers' streams share one shard list
         self._start, self._consumed = state, {}
         key = next_worker_key(self.rank, self.world_size, self.num_workers)
         self._next_worker = int(state.get("next_slot", {}).get(key, 0)) % self.num_workers

@@ -18,8 +18,10 @@ import numpy as np
 import webdataset
 from webdataset.tariterators import base_plus_ext
 
+from ember.data.build import local_path
 from ember.data.cursor import SlotCursor, slot_shards
 from ember.data.formats import SampleId, UndecodableSample
+from ember.data.remote import RetryPolicy, open_remote
 from ember.errors import UserError
 
 Opener = Callable[[str], BinaryIO]
@@ -33,14 +35,14 @@ WEBDATASET_META = re.compile(r"__[^/]*__($|/)")  # webdataset's own rule (tarite
 COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: their own trailers catch a cut
 
 
-def open_url(url: str) -> BinaryIO:
-    """Open a shard for reading: a path, file://, http(s)://, any other fsspec URL, or a webdataset pipe:."""
+def open_url(url: str, retry: RetryPolicy | None = None) -> BinaryIO:
+    """Open a shard for reading: a path, file://, a webdataset pipe:, or a remote URL (http(s)://, s3://, any
+    other fsspec URL), which is read with retries that continue at the byte already read (remote.py)."""
     if url.startswith("pipe:"):
         return webdataset.gopen(url, "rb")
-    if url.startswith(("http://", "https://")):
-        # A stream, not range requests: tars are read front to back, and plain servers ignore Range.
-        return fsspec.open(url, "rb", block_size=0).open()
-    return fsspec.open(url, "rb").open()
+    if local_path(url) is not None:
+        return fsspec.open(url, "rb").open()
+    return open_remote(url, retry)
 
 
 class EndCheckedFile:
@@ -149,12 +151,16 @@ class SlotReader:
 
     def __init__(self, source: ShardSource, slot: int, cursor: SlotCursor | None = None) -> None:
         self.source, self.slot = source, slot
-        self.skipped = 0
         self._url = ""
         self._file: BinaryIO | None = None
         self._samples: Iterator[Sample] | None = None
         self._counter = SampleCounter(0)
         self.reset(cursor or SlotCursor())
+
+    @property
+    def skipped(self) -> int:
+        """Samples or shard remainders passed over under on_error=skip; kept in the cursor, so it survives a resume."""
+        return self.cursor.skipped
 
     def reset(self, cursor: SlotCursor) -> None:
         self.close()
@@ -168,6 +174,8 @@ class SlotReader:
         while count > 0:
             tokens = self.current()
             start = self.cursor.byte_offset
+            if start and start >= len(tokens):
+                self._fail_short_sample(len(tokens))
             piece = tokens[start : start + count]
             pieces.append(piece)
             count -= len(piece)
@@ -233,13 +241,21 @@ class SlotReader:
             self._fail(f"cannot decode sample {key!r}", exc)
             return None
 
+    def _fail_short_sample(self, length: int) -> None:
+        """A saved cursor inside a sample that is now shorter: the shard is not the one the cursor was saved on."""
+        raise UserError(
+            f"{self._url}: the data cursor points at token {self.cursor.byte_offset} of sample {self._id.key!r} "
+            f"(number {self.cursor.sample_index}), but that sample has only {length} tokens: the shard changed since "
+            "the checkpoint. Restore the shards the run was started with, or start a new run."
+        )
+
     def _fail(self, what: str, exc: BaseException) -> None:
         if self.source.on_error == "raise":
             reason = str(exc).split(" @ <")[0]  # webdataset appends the file object's repr; the URL says more
             raise UserError(
                 f"{self._url}: {what} ({reason}). Rebuild or remove the shard, or set data.on_error=skip."
             ) from exc
-        self.skipped += 1
+        self.cursor.skipped += 1
 
     def close(self) -> None:
         if self._samples is not None and hasattr(self._samples, "close"):

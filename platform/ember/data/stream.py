@@ -39,6 +39,7 @@ from ember.data.cursor import (
     worker_slots,
 )
 from ember.data.formats import RowFormat, TextRows, UndecodableSample, collate, decode_text
+from ember.data.identity import ShardIdentity, check_shard_identities, shard_identities
 from ember.data.reader import ON_ERROR, Decoder, Opener, ShardSource, SlotReader, open_url
 from ember.errors import InternalError, UserError
 
@@ -210,6 +211,7 @@ class ShardStream:
             slot: SlotRows(self.sources, self.weights, slot, seed, shuffle_buffer) for slot in self.slots
         }
         self._next_slot = 0
+        self._shards: list[list[ShardIdentity]] | None = None
 
     @property
     def skipped(self) -> int:
@@ -247,22 +249,40 @@ class ShardStream:
         return pointer_key(self.rank, self.world_size, self.worker, self.num_workers)
 
     def state(self) -> dict[str, Any]:
-        """This stream's cursor, JSON-serialisable; merge all ranks' with `merge_states` before saving."""
+        """This stream's cursor, JSON-serialisable; merge all ranks' with `merge_states` before saving. It pins
+        the shards' identity (identity.py), looked up once per stream."""
+        return {**self.position(), "shards": self.shard_identities()}
+
+    def position(self) -> dict[str, Any]:
+        """The cursor without the shards' identity: what DataLoader workers send with every batch."""
         return {
             **self._identity(),
             "slots": {str(slot): rows.state() for slot, rows in self._slot_rows.items()},
             "next_slot": {self.pointer_key: self._next_slot},
         }
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        """Resume from a merged state; this stream takes its own slots from it, whatever world size wrote it."""
+    def shard_identities(self) -> list[list[ShardIdentity]]:
+        if self._shards is None:
+            self._shards = [shard_identities(source.urls) for source in self.sources]
+        return self._shards
+
+    def load_state(self, state: dict[str, Any], check_shards: bool = True) -> None:
+        """Resume from a merged state; this stream takes its own slots from it, whatever world size wrote it.
+        `check_shards=False`: the caller has checked the shards' identity already (the DataLoader workers)."""
         self._check_identity(state)
+        if check_shards:
+            check_shard_identities(state.get("shards"), self.shard_identities(), self._source_labels())
         for slot, rows in self._slot_rows.items():
             if str(slot) not in state["slots"]:
                 raise InternalError(f"the saved data cursor lacks slot {slot}; were all ranks' states merged?")
             rows.load(state["slots"][str(slot)], self.rows)
         # The turn pointer only means something in the world size that saved it; elsewhere start at 0.
         self._next_slot = int(state.get("next_slot", {}).get(self.pointer_key, 0)) % len(self.slots)
+
+    def _source_labels(self) -> list[str]:
+        if len(self.sources) == 1:
+            return ["data.train.urls"]
+        return [f"data.sources[{i}]" for i in range(len(self.sources))]
 
     def _identity(self) -> dict[str, Any]:
         if len(self.sources) == 1:

@@ -1,0 +1,117 @@
+"""What a data cursor pins of its shards, so that a resume on other data is refused instead of read silently.
+
+A shard is pinned by its URL and size, and by the best fingerprint at hand:
+- the sha256 that `shards.json` beside it records (ember's builders write one) - for a local file only when the
+  manifest's size matches the file's, as a manifest left beside hand-replaced files would vouch for old bytes;
+- else what the store reports to change with the content: a local file's mtime, an HTTP ETag or Last-Modified,
+  an object store's ETag or modification time.
+With a sha256 on both sides the content is the identity (a shard set moved to another folder or server still
+resumes); otherwise every pinned field must match. Copies of manifest-less shards on several hosts must keep
+their mtimes (`cp -p`, `rsync -t`), or carry a shards.json. Reading every shard to hash it would cost an epoch's
+I/O; the builders hash once, when they write.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import fsspec
+
+from ember.data.build import MANIFEST_NAME, local_path
+from ember.data.remote import TRANSIENT_ERRORS, http_head, open_remote
+from ember.errors import UserError
+
+log = logging.getLogger(__name__)
+
+ShardIdentity = dict[str, Any]
+# Header or info fields that change with an object's content, by store: HTTP, S3, GCS, fsspec's local/memory.
+CHANGE_MARKERS = ("ETag", "Last-Modified", "LastModified", "etag", "md5Hash", "generation", "mtime", "created")
+
+
+def shard_identities(urls: tuple[str, ...]) -> list[ShardIdentity]:
+    """The identity of each shard of one list, reading each folder's shards.json once."""
+    manifests: dict[str, dict[str, dict[str, Any]]] = {}
+    return [shard_identity(url, manifests) for url in urls]
+
+
+def shard_identity(url: str, manifests: dict[str, dict[str, dict[str, Any]]]) -> ShardIdentity:
+    if url.startswith("pipe:"):
+        return {"url": url}  # a command's output has no identity to check
+    folder, _, name = url.rpartition("/")
+    if folder not in manifests:
+        manifests[folder] = manifest_entries(folder)
+    entry = manifests[folder].get(name, {})
+    try:
+        return identity_from(url, entry)
+    except (*TRANSIENT_ERRORS, ValueError) as exc:  # a missing shard: the read reports it, with on_error
+        log.debug("no identity for %s: %s", url, exc)
+        return {"url": url}
+
+
+def identity_from(url: str, entry: dict[str, Any]) -> ShardIdentity:
+    path = local_path(url)
+    if path is not None:
+        stat = path.stat()
+        if entry.get("sha256") and entry.get("bytes") == stat.st_size:
+            return {"url": url, "size": stat.st_size, "sha256": entry["sha256"]}
+        return {"url": url, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if entry.get("sha256"):
+        return {"url": url, "size": entry.get("bytes"), "sha256": entry["sha256"]}
+    info = http_head(url) if url.startswith(("http://", "https://")) else fsspec_info(url)
+    size = info.get("Content-Length", info.get("size"))
+    markers = {key: str(info[key]) for key in CHANGE_MARKERS if info.get(key) is not None}
+    return {"url": url, "size": None if size is None else int(size), **markers}
+
+
+def fsspec_info(url: str) -> dict[str, Any]:
+    filesystem, path = fsspec.core.url_to_fs(url)
+    return filesystem.info(path)
+
+
+def manifest_entries(folder: str) -> dict[str, dict[str, Any]]:
+    """shards.json's entries by shard name; empty when the folder has none (or it cannot be read)."""
+    url = f"{folder}/{MANIFEST_NAME}" if folder else MANIFEST_NAME
+    try:
+        path = local_path(url)
+        if path is not None:
+            text = path.read_text() if path.is_file() else "{}"
+        else:
+            with open_remote(url) as stream:
+                text = stream.read().decode()
+        shards = json.loads(text).get("shards", [])
+        return {entry["name"]: entry for entry in shards if isinstance(entry, dict) and "name" in entry}
+    except (*TRANSIENT_ERRORS, ValueError, AttributeError, UnicodeDecodeError):
+        return {}
+
+
+def differences(saved: ShardIdentity, current: ShardIdentity) -> list[str]:
+    """How a shard differs from the one a cursor pinned; empty when it is the same shard."""
+    if saved.get("sha256") and current.get("sha256"):
+        keys = ["size", "sha256"]
+    else:
+        keys = [key for key in saved if key in current]
+    return [f"{key} {saved[key]} then, {current[key]} now" for key in keys if saved.get(key) != current.get(key)]
+
+
+def check_shard_identities(
+    saved: list[list[ShardIdentity]] | None, current: list[list[ShardIdentity]], labels: list[str]
+) -> None:
+    """Refuse to resume on shards other than the ones the cursor was saved on, naming the first that changed."""
+    if saved is None:
+        log.warning(
+            "the saved data cursor does not pin its shards (it predates shard identities); resuming without "
+            "checking that the shards are the ones it was saved on"
+        )
+        return
+    for label, saved_list, current_list in zip(labels, saved, current, strict=True):
+        for index, (then, now) in enumerate(zip(saved_list, current_list, strict=True)):
+            changed = differences(then, now)
+            if changed:
+                raise UserError(
+                    f"{now['url']} (shard {index} of {label}) is not the shard the data cursor was saved on: "
+                    f"{'; '.join(changed)}. Restore the shards the run started with, or start a new run "
+                    "(checkpoint.resume: never); resuming would read other data than the cursor names."
+                )
+
