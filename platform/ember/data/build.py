@@ -202,7 +202,7 @@ def build_from_spec(build: TextBuildSpec | ImageBuildSpec) -> None:
 def ensure_shards(data_spec: DataSpec) -> None:
     """Build missing shards when the spec says how; then raise once, listing every shard still missing."""
     if data_spec.build is not None and missing_local_shards(data_spec):
-        build_from_spec(data_spec.build)
+        fill_missing_shards(data_spec.build)
     missing = missing_local_shards(data_spec)
     if missing:
         listing = "\n  ".join(missing)
@@ -212,3 +212,40 @@ def ensure_shards(data_spec: DataSpec) -> None:
             "--source digits --out DIR` (or add a data.build section so `ember run` builds them), or fix "
             "data.train.urls / data.sources / data.val.urls."
         )
+
+
+def fill_missing_shards(build: TextBuildSpec | ImageBuildSpec) -> None:
+    """Build an absent shard set; to a set that is partly there, add only the missing shards, and only when a
+    fresh build reproduces every shard that is there byte for byte. Otherwise refuse: a data cursor saved on
+    those shards points into them, and the corpus can change under the same spec (the stdlib text differs
+    between Python versions), so replacing them would resume runs silently on other data."""
+    out = Path(build.out)
+    present = sorted(out.glob("*.tar")) if out.is_dir() else []
+    if not present:
+        build_from_spec(build)
+        return
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".rebuild", dir=out.parent))
+    try:
+        fresh = scratch / out.name
+        build_from_spec(build.model_copy(update={"out": str(fresh)}))
+        changed = [shard.name for shard in present if not same_file(shard, fresh / shard.name)]
+        if changed:
+            raise UserError(
+                f"{out}: shards are missing, and building them again would not reproduce {', '.join(changed)} "
+                "byte for byte (the corpus changed - another Python version for stdlib text - or a shard was "
+                "edited). ember does not replace shards a saved data cursor may point into: restore the missing "
+                f"shards, or move {out} away to build a new set and start a new run."
+            )
+        for shard in sorted(fresh.glob("*.tar")):
+            if not (out / shard.name).exists():
+                os.replace(shard, out / shard.name)
+        os.replace(fresh / MANIFEST_NAME, out / MANIFEST_NAME)  # last: it describes only shards that are there
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def same_file(path: Path, other: Path) -> bool:
+    if not other.is_file() or path.stat().st_size != other.stat().st_size:
+        return False
+    with open(path, "rb") as first, open(other, "rb") as second:
+        return hashlib.file_digest(first, "sha256").digest() == hashlib.file_digest(second, "sha256").digest()

@@ -5,10 +5,10 @@ A shard is pinned by its URL and size, and by the best fingerprint at hand:
   manifest's size matches the file's, as a manifest left beside hand-replaced files would vouch for old bytes;
 - else what the store reports to change with the content: a local file's mtime, an HTTP ETag or Last-Modified,
   an object store's ETag or modification time.
-With a sha256 on both sides the content is the identity (a shard set moved to another folder or server still
-resumes); otherwise every pinned field must match. Copies of manifest-less shards on several hosts must keep
-their mtimes (`cp -p`, `rsync -t`), or carry a shards.json. Reading every shard to hash it would cost an epoch's
-I/O; the builders hash once, when they write.
+A shard pinned by sha256 must have the same size and sha256 now (the content is the identity: a shard set
+moved to another folder or server still resumes); otherwise every field pinned on both sides must match.
+Copies of manifest-less shards on several hosts must keep their mtimes (`cp -p`, `rsync -t`), or carry a
+shards.json. Reading every shard to hash it would cost an epoch's I/O; the builders hash once, as they write.
 """
 
 from __future__ import annotations
@@ -87,8 +87,11 @@ def manifest_entries(folder: str) -> dict[str, dict[str, Any]]:
 
 
 def differences(saved: ShardIdentity, current: ShardIdentity) -> list[str]:
-    """How a shard differs from the one a cursor pinned; empty when it is the same shard."""
-    if saved.get("sha256") and current.get("sha256"):
+    """How a shard differs from the one a cursor pinned; empty when it is the same shard. A shard that cannot
+    be looked up now is left to the read, which reports it (or skips it under on_error=skip)."""
+    if len(current) == 1 or len(saved) == 1:  # the URL alone: nothing was known on one side
+        return []
+    if saved.get("sha256"):  # its content was pinned: only the same content will do
         keys = ["size", "sha256"]
     else:
         keys = [key for key in saved if key in current]
