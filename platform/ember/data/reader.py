@@ -212,7 +212,8 @@ class SlotReader:
             self.close()
             self.cursor.next_shard(self.source.shards_per_slot(self.slot))
             shard_ends += 1
-            if shard_ends > self.source.shards_per_slot(self.slot):
+            # The first end may be that of a shard whose samples earlier calls used: a full epoch more is needed.
+            if shard_ends > self.source.shards_per_slot(self.slot) + 1:
                 raise UserError(f"slot {self.slot} read a whole epoch of shards without one usable sample")
         return self._item
 
