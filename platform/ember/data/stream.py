@@ -13,6 +13,15 @@ each slot's epoch every sample of its shards is delivered exactly once (skipped 
 excepted), and since the slots' shards partition the shard list, every sample key is seen exactly once
 over one epoch of every slot. Epochs are per slot: a slot with fewer samples may start its next epoch
 while others finish theirs. Packed text may split a document over rows; its bytes are still delivered once.
+
+Unequal slots: with N shards over S slots and N % S != 0, slots read N // S or N // S + 1 shards per epoch,
+yet slots yield rows at (about) the same rate: a rank's batches take rows from its slots in turn, and every
+rank takes as many. So "an epoch" is each slot's own (`SampleId.epoch` names it): the rows tagged with epoch
+e hold every sample of the shard list exactly once, and all of them have been read once every slot has
+yielded as many rows as the fullest slot has samples - by then the smaller slots have started epoch e + 1
+(with one rank reading all S slots: after S x that many rows). Balancing slots by reading them at unequal
+rates would tie the order to the world size and break exact elastic resume, so the stream warns instead; a
+shard count that is a multiple of data.num_slots makes the epochs even.
 Which rows form a batch does depend on the world size and worker count; what each slot yields does not.
 """
 
@@ -206,6 +215,8 @@ class ShardStream:
         self.worker, self.num_workers, self.shuffle_buffer = worker, num_workers, shuffle_buffer
         most_shards = max(len(source.urls) for source in self.sources)
         warn_about_thin_sources(self.sources, min(most_shards, num_slots))
+        if rank == 0 and worker == 0:  # once per job (and per DataLoader process), not once per stream
+            warn_about_unequal_slots(self.sources, self._source_labels())
         self.slots = worker_slots(rank_slots(most_shards, num_slots, rank, world_size), worker, num_workers)
         self._slot_rows = {
             slot: SlotRows(self.sources, self.weights, slot, seed, shuffle_buffer) for slot in self.slots
@@ -320,6 +331,19 @@ def warn_about_thin_sources(sources: list[ShardSource], filled_slots: int) -> No
                 number,
                 len(source.urls),
                 filled_slots,
+            )
+
+
+def warn_about_unequal_slots(sources: list[ShardSource], labels: list[str]) -> None:
+    """Slots with unequal shard counts make per-slot epochs drift apart (see the module's docstring)."""
+    for label, source in zip(labels, sources, strict=True):
+        shards, slots = len(source.urls), source.num_slots
+        if shards > slots and shards % slots:
+            log.warning(
+                "%s has %d shards for data.num_slots=%d: slots read %d or %d shards per epoch at the same row rate, "
+                "so smaller slots start their next epoch while others finish (every sample is still read once per "
+                "slot epoch). Use a multiple of %d shards for even epochs.",
+                label, shards, slots, shards // slots, shards // slots + 1, slots,
             )
 
 
