@@ -11,6 +11,7 @@ import shutil
 import signal
 import tarfile
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 import torch
 from webdataset import TarWriter
 
+from ember.data.loader import WorkerLoader
 from ember.data.stream import ShardStream
 from ember.errors import UserError
 
@@ -149,3 +151,13 @@ def test_a_sample_shorter_than_the_saved_offset_is_an_error_not_a_loop(shards: P
     with pytest.raises(UserError, match=rf"train-000000\.tar: the data cursor points at token {cursor['byte_offset']} "
                                         r".*has only 11 tokens"):
         resumed.next_batch()
+
+
+def test_a_rank_with_dataloader_workers_pins_and_checks_its_shards_too(shards: Path) -> None:
+    make = partial(ShardStream, urls(shards), rank=0, world_size=1, **SMALL)
+    state = saved(WorkerLoader(partial(make, num_workers=2), 2, rank=0, world_size=1).state())
+    assert [entry["url"] for entry in state["shards"][0]] == urls(shards)
+    rewrite_shard(shards / "train-000003.tar", lambda index, text: text + b"#")
+    resumed = WorkerLoader(partial(make, num_workers=2), 2, rank=0, world_size=1)
+    with pytest.raises(UserError, match=r"train-000003\.tar \(shard 3 of data\.train\.urls\)"):
+        resumed.load_state(state)

@@ -133,8 +133,12 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     """Merge the `state()` of every rank into one cursor (what the trainer saves after all_gather)."""
     if not states:
         raise InternalError("merge_states needs at least one state")
-    identity = {key: value for key, value in states[0].items() if key not in ("slots", "next_slot")}
+    # The shards' identity is the first rank's: hosts may hold copies with their own mtimes, and every rank
+    # checks its own view on resume.
+    identity = {key: value for key, value in states[0].items() if key not in ("slots", "next_slot", "shards")}
     merged: dict[str, Any] = {**identity, "slots": {}, "next_slot": {}}
+    if "shards" in states[0]:
+        merged["shards"] = states[0]["shards"]
     for state in states:
         if any(state.get(key) != value for key, value in identity.items()):
             raise InternalError(f"ranks disagree on the stream identity: {identity} vs {state}")

@@ -188,7 +188,8 @@ class WorkerLoader:
             self._consumed[w].state if w in self._consumed else self._initial[w].position()
             for w in range(self.num_workers)
         ]
-        merged = {**merge_states(parts), "shards": self._initial[0].shard_identities()}
+        merged = merge_states(parts)
+        merged["shards"] = self._initial[0].shard_identities()
         merged["next_slot"][next_worker_key(self.rank, self.world_size, self.num_workers)] = self._next_worker
         return merged
 
