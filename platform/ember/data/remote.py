@@ -40,6 +40,10 @@ class ShardReadError(OSError):
     """A shard that cannot be read: a permanent answer, or a transient failure that outlived every retry."""
 
 
+# OSErrors that another try would only repeat.
+PERMANENT_ERRORS = (ShardReadError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How hard a remote shard read tries. The defaults ride out a server restart (~30 s of backoff)."""
@@ -112,7 +116,7 @@ class ResumingReader(io.RawIOBase):
         while True:
             try:
                 return action()
-            except ShardReadError:
+            except PERMANENT_ERRORS:
                 self._drop()
                 raise
             except TRANSIENT_ERRORS as exc:

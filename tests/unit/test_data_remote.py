@@ -12,6 +12,7 @@ from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import fsspec
 import pytest
 import torch
 
@@ -95,7 +96,7 @@ def serve() -> Iterator[Callable[[Path, Faults], str]]:
     def start(folder: Path, faults: Faults) -> str:
         handler = type("Handler", (FaultyShardHandler,), {"folder": folder, "faults": faults})
         server = QuietServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         servers.append((server, faults))
         return f"http://127.0.0.1:{server.server_address[1]}"
 
@@ -171,3 +172,22 @@ def test_skipped_shards_are_counted_in_the_cursor_and_restored(stdlib_shards: Pa
     resumed.load_state(state)
     assert resumed.skipped == skipping.skipped
     assert torch.equal(resumed.next_batch(), skipping.next_batch())
+
+
+def test_object_store_shards_read_alike_and_pin_what_the_store_reports(stdlib_shards: Path) -> None:
+    """fsspec's in-memory filesystem stands in for an object store (s3fs and gcsfs answer `info` alike)."""
+    store = fsspec.filesystem("memory")
+    names = [f"train-{i:06d}.tar" for i in range(2)]
+    for name in names:  # no shards.json: pinned by size and the store's own change marker
+        store.pipe(f"/ember-remote-test/{name}", (stdlib_shards / name).read_bytes())
+    urls = [f"memory://ember-remote-test/{name}" for name in names]
+    options = {**ONE_SLOT, "num_slots": 2}
+    in_store, on_disk = stream(urls, **options), stream([str(stdlib_shards / name) for name in names], **options)
+    for _ in range(20):
+        assert torch.equal(in_store.next_batch(), on_disk.next_batch())
+    state = json.loads(json.dumps(in_store.state()))
+    assert {"size", "created"} <= set(state["shards"][0][1])
+    store.pipe(f"/ember-remote-test/{names[1]}", (stdlib_shards / names[1]).read_bytes())  # written again
+    with pytest.raises(UserError, match=r"train-000001\.tar \(shard 1 of data\.train\.urls\).*created"):
+        stream(urls, **options).load_state(state)
+    store.rm("/ember-remote-test", recursive=True)
