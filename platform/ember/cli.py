@@ -272,8 +272,8 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print tokens, text and finish reason as JSON.")] = False,
 ) -> None:
     """Generate text from a GPT checkpoint in this process (KV cache; the reference for `ember serve`)."""
+    from ember.generation.sampling import SamplingParams
     from ember.serve.generate import generate as run_generate
-    from ember.serve.sampling import SamplingParams
 
     params = SamplingParams(0.0 if greedy else temperature, top_k, top_p, seed)
     result = run_generate(path, prompt, max_tokens, params, stop)

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from ember.errors import UserError
+from ember.generation.diffusion import build_schedule, guided, sample_images
 from ember.models import build_denoiser, build_gan
 from ember.observe.images import image_grid
 from ember.spec import JobSpec
 from ember.spec.generative import DiffusionSpec, GANSpec
 from ember.train.ema import EMA
-from ember.train.objectives.diffusion import build_schedule, drop_labels, guided, sample_images
+from ember.train.objectives.diffusion import drop_labels
 from ember.train.objectives.gan import r1_penalty
 
 REPO = Path(__file__).resolve().parents[2]

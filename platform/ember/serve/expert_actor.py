@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ember.serve.decode import DecodeRunner, StepPlan
+from ember.generation.decode import DecodeRunner, StepPlan
 from ember.world import backend_for, resolve_device
 
 GROUP_TIMEOUT = datetime.timedelta(seconds=60)  # a dead rank unblocks the others' collectives after this

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ember.checkpoint.export import full_state_dict
 from ember.checkpoint.io import load_file
-from ember.checkpoint.manager import find_checkpoint
-from ember.checkpoint.manifest import read_manifest
+from ember.checkpoint.readers import read_checkpoint_spec
 from ember.checkpoint.reshard import EXPERT_NAME, EXPERT_WEIGHTS_FILE, MODEL_STATES
 from ember.errors import UserError
 from ember.models import GPT, build_model
@@ -25,25 +23,6 @@ from ember.serve.placement import experts_of_rank, serving_spec
 from ember.spec import JobSpec
 
 BLOCK = re.compile(r"^blocks\.(\d+)\.")
-
-
-def read_checkpoint_spec(path: Path, verify: bool = True) -> tuple[Path, dict[str, Any], JobSpec]:
-    """(checkpoint folder, manifest, job spec) of a run folder's newest valid checkpoint or a checkpoint folder.
-
-    verify=False: `path` is a checkpoint folder already verified (by `ember serve` before it starts the ranks),
-    so that N ranks do not each hash every file of a checkpoint they read only a share of.
-    """
-    checkpoint = find_checkpoint(Path(path)) if verify else Path(path)
-    manifest = read_manifest(checkpoint)
-    if manifest is None:
-        raise UserError(f"{checkpoint / 'manifest.json'}: missing or unreadable")
-    if not isinstance(manifest.get("spec"), dict):
-        raise UserError(f"{checkpoint / 'manifest.json'}: has no job spec; it was not written by `ember run`")
-    try:
-        spec = JobSpec.model_validate(manifest["spec"])
-    except ValueError as exc:
-        raise UserError(f"{checkpoint / 'manifest.json'}: its job spec does not validate: {exc}") from None
-    return checkpoint, manifest, spec
 
 
 def load_rank_model(path: Path, ep_size: int = 1, ep_rank: int = 0, verify: bool = True) -> tuple[GPT, JobSpec]:

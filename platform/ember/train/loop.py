@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import random
 import time
 from pathlib import Path
@@ -244,9 +245,8 @@ class Trainer:
 
 
 def code_version() -> str:
-    import ember
-
-    return ember.__version__
+    """The installed distribution's version (package metadata: no import of the ember package from below it)."""
+    return importlib.metadata.version("ember")
 
 
 def rng_state() -> dict[str, Any]:

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from ember.engines import build_engine
+from ember.generation.sampling import decode_bytes, sample_image_tokens, sample_tokens
 from ember.models.gpt import ModelOutput, build_model
 from ember.observe.images import image_grid
-from ember.serve.sampling import decode_bytes, sample_image_tokens, sample_tokens
 from ember.train.objectives.base import ModelParts, NextBatch, Sample
 from ember.world import World
 
