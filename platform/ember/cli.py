@@ -230,8 +230,9 @@ def ckpt_export(
 ) -> None:
     """Write the full model weights (gathered from ZeRO shards and expert files) as safetensors."""
     from ember.checkpoint.export import export_safetensors
+    from ember.engines.weights import full_state_dict
 
-    source = export_safetensors(path, out)
+    source = export_safetensors(path, out, full_state_dict)
     console.print(f"exported {source} -> {out}", markup=False)
 
 

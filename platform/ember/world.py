@@ -6,8 +6,10 @@ torchrun both set RANK, WORLD_SIZE, LOCAL_RANK). Only this module and cli.py rea
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -42,6 +44,22 @@ class World:
     def expert_dp_size(self) -> int:
         """Replicas of each expert: the data-parallel size of expert parameters."""
         return self.world_size // self.ep_size
+
+    @functools.cached_property
+    def expert_groups(self) -> tuple[Any, Any]:
+        """(expert-parallel group, expert-data-parallel group) of this rank: consecutive ranks form an EP group
+        (ep_rank = rank % ep_size), the ranks holding the same experts an expert-data-parallel group. Created on
+        first use, by every rank (torch's new_group is collective); (None, None) without expert parallelism."""
+        if self.ep_size == 1:
+            return None, None
+        parallel = data = None
+        for first in range(0, self.world_size, self.ep_size):
+            group = dist.new_group(list(range(first, first + self.ep_size)))
+            parallel = group if first <= self.rank < first + self.ep_size else parallel
+        for ep_rank in range(self.ep_size):
+            group = dist.new_group(list(range(ep_rank, self.world_size, self.ep_size)))
+            data = group if ep_rank == self.ep_rank else data
+        return parallel, data
 
     def barrier(self) -> None:
         if dist.is_available() and dist.is_initialized():

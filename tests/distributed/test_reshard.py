@@ -20,8 +20,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ember.checkpoint.reshard import ExpertLayout, read_full_state, relayout_groups, saved_layout
 from ember.engines.base import build_engine
+from ember.engines.deepspeed.reshard import ExpertLayout, read_full_state, relayout_groups, saved_layout
 from ember.errors import UserError
 from ember.models import build_model
 from ember.spec import JobSpec

@@ -132,3 +132,23 @@ def test_the_check_sees_lazy_relative_and_bare_imports(module: str, code: str, o
     targets = [unit_of(name) for name, _ in imported_modules(code, module, is_package=False)]
     assert targets, "the import was not seen"
     assert all(LAYER_OF[target] >= LAYER_OF[unit_of(module)] for target in targets) is ok
+
+
+def deepspeed_importers(unit: str) -> set[str]:
+    """Files of `unit` that import deepspeed (anywhere in the file)."""
+    found = set()
+    for path in (PACKAGE / unit).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] \
+                if isinstance(node, ast.ImportFrom) else []
+            if any(name.split(".")[0] == "deepspeed" for name in names):
+                found.add(str(path.relative_to(PACKAGE)))
+    return found
+
+
+def test_deepspeed_is_touched_in_models_only_where_impl_deepspeed_builds_its_layer() -> None:
+    assert deepspeed_importers("models") == {"models/layers/moe/deepspeed_layer.py"}
+
+
+def test_checkpoint_knows_no_engine() -> None:
+    assert deepspeed_importers("checkpoint") == set()

@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ember.engines.deepspeed.moe import expose_to_deepspeed
+from ember.engines.expert_groups import attach_expert_groups
 from ember.models import build_model
-from ember.models.layers.moe import EmberMoE, attach_expert_groups, expose_to_deepspeed
-from ember.models.layers.moe.deepspeed_compat import build_deepspeed_moe
+from ember.models.layers.moe import EmberMoE
+from ember.models.layers.moe.deepspeed_layer import build_deepspeed_moe
 from ember.models.layers.moe.experts import RUNNERS
 from ember.spec.model import GPTSpec, MoESpec
 from ember.world import local_world
@@ -48,7 +50,7 @@ def layer_pair(spec: MoESpec, seed: int = 0):
     reference = build_deepspeed_moe(D_MODEL, D_FF, spec.model_copy(update={"impl": "deepspeed"}), 0.0)
     for param in reference.parameters():
         torch.nn.init.normal_(param, std=0.3)  # a spread-out router, so capacity really drops tokens
-    attach_expert_groups(reference, "gloo")
+    attach_expert_groups(reference, local_world())
     ember = EmberMoE(D_MODEL, D_FF, spec.model_copy(update={"impl": "ember"}))
     ember.load_state_dict(reference.state_dict(), strict=True)  # DeepSpeed's layout loads into ember's
     return reference, ember
@@ -164,7 +166,7 @@ def test_both_impls_build_the_same_gpt_from_the_same_seed(impl):
         spec = GPTSpec.model_validate({"d_model": 16, "n_heads": 2, "n_layers": 2, "seq_len": 8,
                                        "moe": {"num_experts": 4, "top_k": 2, "impl": which, "residual": True}})
         model = build_model(spec, seed=5)
-        attach_expert_groups(model, "gloo")
+        attach_expert_groups(model, local_world())
         return model
 
     other = "deepspeed" if impl == "ember" else "ember"
@@ -218,7 +220,7 @@ def test_pyramid_moe_gives_deeper_layers_more_experts(impl):
     assert [block.ffn.num_local_experts for block in model.blocks[1::2]] == [1, 2]  # ep_size=2 halves 2 and 4
     assert [block.ffn.first_expert for block in model.blocks[1::2]] == [1, 2]
     whole = build_model(spec.model_copy(update={"moe": spec.moe.model_copy(update={"ep_size": 1})}), seed=0)
-    attach_expert_groups(whole, "gloo")
+    attach_expert_groups(whole, local_world())
     pyramid = sum(p.numel() for p in whole.parameters())
     flat = build_model(spec.model_copy(update={"moe": spec.moe.model_copy(update={"ep_size": 1,
                                                                                "experts_per_layer": None,

@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ember.checkpoint.export import build_single_process_model, full_state_dict
+from ember.checkpoint.export import build_single_process_model
 from ember.checkpoint.manager import find_checkpoint
 from ember.checkpoint.manifest import read_manifest
 from ember.checkpoint.readers import load_ema
+from ember.engines.weights import full_state_dict
 from ember.errors import UserError
 from ember.evaluate.classifier import DigitsClassifier, digit_split, load_classifier
 from ember.evaluate.frechet import frechet_distance

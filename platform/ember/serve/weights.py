@@ -12,13 +12,11 @@ from pathlib import Path
 
 import torch
 
-from ember.checkpoint.export import full_state_dict
-from ember.checkpoint.io import load_file
 from ember.checkpoint.readers import read_checkpoint_spec
-from ember.checkpoint.reshard import EXPERT_NAME, EXPERT_WEIGHTS_FILE, MODEL_STATES
+from ember.engines.weights import full_state_dict
 from ember.errors import UserError
 from ember.models import GPT, build_model
-from ember.models.layers.moe.deepspeed_compat import to_per_expert_layout
+from ember.models.layers.moe.layouts import EXPERT_NAME, to_per_expert_layout
 from ember.serve.placement import experts_of_rank, serving_spec
 from ember.spec import JobSpec
 
@@ -40,30 +38,14 @@ def load_rank_model(path: Path, ep_size: int = 1, ep_rank: int = 0, verify: bool
 def rank_state_dict(engine_dir: Path, spec: JobSpec, held: dict[int, list[int]]) -> dict[str, torch.Tensor]:
     """Dense tensors plus the held experts, renumbered to the rank's local ids (per-expert layout)."""
     if spec.engine.kind == "deepspeed" and spec.model.moe is not None:
-        dense = load_file(engine_dir / MODEL_STATES)["module"]
-        state = {name: tensor for name, tensor in dense.items() if not EXPERT_NAME.match(name)}
-        state.update(_held_expert_files(engine_dir, spec, held))
+        from ember.engines.deepspeed.layout import held_weights
+
+        state = held_weights(engine_dir, spec.model.moe_layers, held)
     else:
         state = full_state_dict(engine_dir, spec)
         for block in spec.model.moe_layers:  # stacked [E, ...] tensors -> one entry per global expert
             to_per_expert_layout(state, f"blocks.{block}.ffn.moe.", spec.model.moe_layer_spec(block).num_experts)
     return {_local_name(name, held): tensor.float() for name, tensor in state.items() if _is_held(name, held)}
-
-
-def _held_expert_files(engine_dir: Path, spec: JobSpec, held: dict[int, list[int]]) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    found = 0
-    for path in engine_dir.iterdir():
-        match = EXPERT_WEIGHTS_FILE.match(path.name)
-        if match is None:
-            continue
-        found += 1
-        block = spec.model.moe_layers[int(match.group(1))]  # DeepSpeed numbers MoE layers in module order
-        if int(match.group(2)) in held[block]:
-            state.update(load_file(path))
-    if not found:
-        raise UserError(f"{engine_dir}: no per-expert files (layer_*_expert_*); is this a MoE DeepSpeed checkpoint?")
-    return state
 
 
 def _is_held(name: str, held: dict[int, list[int]]) -> bool:

@@ -35,19 +35,19 @@ from typing import Any
 import torch
 
 from ember.checkpoint.io import load_file
+from ember.engines.deepspeed.layout import (
+    EXPERT_OPTIM_FILE,
+    EXPERT_WEIGHTS_GLOB,
+    MODEL_STATES,
+    ZERO3_MODEL_STATES,
+    ZERO_FILE,
+)
 from ember.errors import UserError
 from ember.models.layers.moe import is_expert_parameter
-from ember.models.layers.moe.deepspeed_compat import DEEPSPEED_GATE, EMBER_GATE, PER_EXPERT
 from ember.models.layers.moe.experts import join_stacked, split_stacked
+from ember.models.layers.moe.layouts import DEEPSPEED_GATE, EMBER_GATE, EXPERT_NAME, PER_EXPERT
 from ember.world import World
 
-MODEL_STATES = "mp_rank_00_model_states.pt"
-ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
-ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")  # bf16_: bf16 ZeRO-1/2
-EXPERT_OPTIM_FILE = "expp_rank_{}_mp_rank_00_optim_states.pt"
-EXPERT_WEIGHTS_GLOB = "layer_*_expert_*_mp_rank_00_model_states.pt"
-EXPERT_WEIGHTS_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")  # MoE layer, expert
-EXPERT_NAME = re.compile(r"^(.*\.deepspeed_experts\.)(\d+)(\..+)$")
 STACKED_NAME = re.compile(r"^(.*\.)experts\.(w_in|b_in|w_out|b_out)$")  # ember's stacked experts
 EXPERTS_OF_LAYER = PER_EXPERT.split("{}")[0]  # a MoE layer's name + this: the prefix of its experts' names
 PER_EXPERT_PARAM = {"w_in": "fc.weight", "b_in": "fc.bias", "w_out": "proj.weight", "b_out": "proj.bias"}
@@ -121,7 +121,7 @@ class ExpertLayout:
                 for key, value in entries[0].items()}
 
     def _saved_gate_name(self, name: str) -> str:
-        """ember's router weight is saved under DeepSpeed's gate name (deepspeed_compat.to_per_expert_layout)."""
+        """ember's router weight is saved under DeepSpeed's gate name (layouts.to_per_expert_layout)."""
         if name.endswith("." + EMBER_GATE):
             prefix = name[: -len(EMBER_GATE)]
             if prefix + EXPERTS_OF_LAYER in self.layers:

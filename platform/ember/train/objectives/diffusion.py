@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from ember.data.formats import ImageBatch
 from ember.engines import build_engine
+from ember.engines.expert_groups import attach_expert_groups
 from ember.generation.diffusion import Denoiser, NoiseSchedule, build_schedule, sample_images
 from ember.models import build_denoiser
-from ember.models.layers.moe.deepspeed_compat import attach_expert_groups
 from ember.train.ema import EMA
 from ember.train.objectives.base import ModelParts, NextBatch, Sample, class_grid
 from ember.world import World
@@ -50,7 +50,7 @@ class DiffusionObjective:
         self.ema = EMA(model, spec.model.ema.decay, spec.model.ema.start_step)
         self.engine = build_engine(spec, model, world)
         if world.ep_size > 1:  # the EMA copy's MoE blocks exchange tokens with the other EP ranks' copies
-            attach_expert_groups(self.ema.module, world.backend)
+            attach_expert_groups(self.ema.module, world)
         self.engines = {"model": self.engine}
         self.parts = ModelParts(self.engines, {"model": self.ema}, world)
         self.schedule = build_schedule(spec.model)

@@ -62,7 +62,7 @@ class TokenDispatcher:
 
     def _exchange(self, grouped: torch.Tensor, counts: torch.Tensor, experts: ExpertFn) -> torch.Tensor:
         if self.group is None:
-            raise RuntimeError("expert parallelism needs its process group: call attach_expert_groups(model) first")
+            raise RuntimeError("expert parallelism needs its process group: attach_expert_groups(model, world) first")
         received = exchange_counts(counts, self.group)  # [ep_size, num_local]: what each rank sends here
         send = counts.view(self.ep_size, self.num_local).sum(1).tolist()
         recv = received.sum(1).tolist()

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.models.layers.mlp import MLP
-from ember.models.layers.moe import deepspeed_compat
+from ember.models.layers.moe.deepspeed_layer import build_deepspeed_moe, local_experts
 from ember.models.layers.moe.dispatch import TokenDispatcher
 from ember.models.layers.moe.experts import GroupedExperts
+from ember.models.layers.moe.layouts import from_per_expert_layout
 from ember.models.layers.moe.router import TopKRouter
 from ember.spec.model import MoESpec
 
@@ -70,9 +71,8 @@ class EmberMoE(nn.Module):
     def _run_experts(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         return F.dropout(self.experts(rows, counts), self.dropout, self.training)
 
-    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-        """Called by deepspeed.initialize (and attach_expert_groups): join DeepSpeed's expert groups."""
-        group = deepspeed_compat.expert_parallel_group(self.ep_size, use_data_before_expert_parallel_)
+    def use_expert_group(self, group) -> None:
+        """Handed by the engine or the World: the expert-parallel process group tokens are exchanged over."""
         self.dispatcher.group = group if self.ep_size > 1 else None
 
     def init_experts(self, seed: int, layer: int, init_fn: InitFn) -> None:
@@ -83,7 +83,7 @@ class EmberMoE(nn.Module):
 
 
 def _accept_per_expert_layout(module: EmberMoE, state, prefix, *args) -> None:
-    deepspeed_compat.from_per_expert_layout(state, prefix, module.num_local_experts)
+    from_per_expert_layout(state, prefix, module.num_local_experts)
 
 
 class MoEFFN(nn.Module):
@@ -97,7 +97,7 @@ class MoEFFN(nn.Module):
         if spec.impl == "ember":
             self.moe = EmberMoE(d_model, d_ff, spec, ep_rank, dropout)
         else:
-            self.moe = deepspeed_compat.build_deepspeed_moe(d_model, d_ff, spec, dropout)
+            self.moe = build_deepspeed_moe(d_model, d_ff, spec, dropout)
 
     @property
     def last_stats(self) -> dict[str, torch.Tensor]:
@@ -107,7 +107,7 @@ class MoEFFN(nn.Module):
         if self.impl == "ember":
             self.moe.init_experts(seed, layer, init_fn)
             return
-        for local, expert in enumerate(self.moe.deepspeed_moe.experts.deepspeed_experts):
+        for local, expert in enumerate(local_experts(self.moe)):
             init_fn(expert, torch.Generator().manual_seed(hash_seed(seed, layer, self.first_expert + local)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
