@@ -46,7 +46,7 @@ def train_save_and_probe(rank: int, world_size: int, folder: str) -> torch.Tenso
     spec = JobSpec.from_dict(spec_dict(ep_size=2))
     world = world_from_env("cpu", ep_size=2)
     torch.manual_seed(0)
-    engine = build_engine(spec, build_model(spec.model, ep_rank=world.ep_rank, seed=0), world)
+    engine = build_engine(spec, build_model(spec.model, world.expert_placement(spec.model), seed=0), world)
     for step in range(3):
         inputs, targets = split_batch(text_rows(4096 * (2 * step + rank), MICRO))
         loss, _ = lm_loss(engine.forward(inputs), targets, aux_weight=0.01)

@@ -20,7 +20,7 @@ from ember.models.layers.moe.deepspeed_layer import build_deepspeed_moe
 from ember.models.layers.moe.layouts import PER_EXPERT, to_per_expert_layout
 from ember.spec.model import MoESpec
 from ember.train.objectives.lm import split_batch
-from ember.world import world_from_env
+from ember.world import ExpertPlacement, world_from_env
 from tests.distributed.test_engines import LOSS_RTOL, NORM_RTOL, Run, build, corpus, job_spec, quiet_rank, train
 from tests.distributed.test_export import exported_logits, text_rows
 from tests.helpers.distributed import run_on_ranks
@@ -73,8 +73,9 @@ def oracle(rank: int, top_k: int, drop_tokens: bool) -> dict[str, float]:
                    min_capacity=0)
     weights = local_slice(global_weights(spec), spec, rank)
     reference = build_deepspeed_moe(D_MODEL, D_FF, spec.model_copy(update={"impl": "deepspeed"}), 0.0)
-    ember = EmberMoE(D_MODEL, D_FF, spec.model_copy(update={"impl": "ember"}), ep_rank=rank)
     world = world_from_env("cpu", ep_size=2)
+    placement = ExpertPlacement(spec.num_experts, 2, world.ep_rank)
+    ember = EmberMoE(D_MODEL, D_FF, spec.model_copy(update={"impl": "ember"}), placement)
     for layer in (reference, ember):
         layer.load_state_dict(weights, strict=True)
         attach_expert_groups(layer, world)

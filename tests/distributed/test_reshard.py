@@ -105,7 +105,7 @@ def build(run: Run):
     spec = run.spec()
     world = world_from_env("cpu", ep_size=run.ep_size or 1)
     torch.manual_seed(0)
-    return spec, world, build_engine(spec, build_model(spec.model, ep_rank=world.ep_rank, seed=0), world)
+    return spec, world, build_engine(spec, build_model(spec.model, world.expert_placement(spec.model), seed=0), world)
 
 
 def micro_batch(tokens: torch.Tensor, step: int, index: int) -> torch.Tensor:

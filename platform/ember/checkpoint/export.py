@@ -41,7 +41,7 @@ def export_safetensors(path: Path, out: Path, read_weights: ReadWeights) -> Path
 
 def build_single_process_model(spec: JobSpec) -> GPT:
     """The same architecture with every expert local (ep_size=1)."""
-    return build_model(single_process(spec.model), ep_rank=0, seed=spec.schedule.seed)
+    return build_model(single_process(spec.model), seed=spec.schedule.seed)
 
 
 def load_exported(path: Path) -> tuple[GPT, JobSpec]:

@@ -72,9 +72,9 @@ class ExpertShard:
         model = self.runner.model
         params = list(model.parameters())
         experts = {
-            index: list(range(block.ffn.first_expert, block.ffn.first_expert + block.ffn.num_local_experts))
+            index: list(block.ffn.placement.local_experts)
             for index, block in enumerate(model.blocks)
-            if hasattr(block.ffn, "first_expert")
+            if hasattr(block.ffn, "placement")
         }
         return {
             "rank": self.rank,

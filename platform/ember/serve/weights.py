@@ -17,7 +17,7 @@ from ember.engines.weights import full_state_dict
 from ember.errors import UserError
 from ember.models import GPT, build_model
 from ember.models.layers.moe.layouts import EXPERT_NAME, to_per_expert_layout
-from ember.serve.placement import experts_of_rank, serving_spec
+from ember.serve.placement import experts_of_rank, serving_placement, serving_spec
 from ember.spec import JobSpec
 
 BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -29,8 +29,9 @@ def load_rank_model(path: Path, ep_size: int = 1, ep_rank: int = 0, verify: bool
     if spec.model.family != "gpt":
         raise UserError(f"{checkpoint}: a {spec.model.family} checkpoint; text generation needs a gpt")
     model_spec = serving_spec(spec, ep_size)
-    model = build_model(model_spec, ep_rank=ep_rank, seed=spec.schedule.seed)
-    held = experts_of_rank(model_spec, manifest, ep_size, ep_rank)
+    placement = serving_placement(model_spec, ep_size, ep_rank)
+    model = build_model(model_spec, placement, seed=spec.schedule.seed)
+    held = experts_of_rank(model_spec, manifest, placement) if placement is not None else {}
     model.load_state_dict(rank_state_dict(checkpoint / "engine", spec, held), strict=True)
     return model.eval(), spec
 

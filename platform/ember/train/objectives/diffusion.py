@@ -13,7 +13,7 @@ from ember.generation.diffusion import Denoiser, NoiseSchedule, build_schedule, 
 from ember.models import build_denoiser
 from ember.train.ema import EMA
 from ember.train.objectives.base import ModelParts, NextBatch, Sample, class_grid
-from ember.world import World
+from ember.world import ExpertPlacement, World
 
 
 def drop_labels(labels: torch.Tensor, num_classes: int, rate: float, generator: torch.Generator | None = None):
@@ -44,9 +44,10 @@ class DiffusionObjective:
     throughput_name = "images_per_s"
     loss_unit = "(EMA denoiser MSE)"
 
-    def __init__(self, spec, world: World) -> None:
+    def __init__(self, spec, world: World, placement: ExpertPlacement | None = None) -> None:
         self.spec, self.world, self.model_spec = spec, world, spec.model
-        model = build_denoiser(spec.model, world.ep_rank, spec.schedule.seed).to(world.device)
+        placement = placement or world.expert_placement(spec.model)
+        model = build_denoiser(spec.model, placement, spec.schedule.seed).to(world.device)
         self.ema = EMA(model, spec.model.ema.decay, spec.model.ema.start_step)
         self.engine = build_engine(spec, model, world)
         if world.ep_size > 1:  # the EMA copy's MoE blocks exchange tokens with the other EP ranks' copies
