@@ -152,3 +152,10 @@ def test_deepspeed_is_touched_in_models_only_where_impl_deepspeed_builds_its_lay
 
 def test_checkpoint_knows_no_engine() -> None:
     assert deepspeed_importers("checkpoint") == set()
+
+
+def test_train_serve_evaluate_and_cluster_import_none_of_each_other() -> None:
+    """What two of them share (samplers, checkpoint readers) sits below them, in generation/ or checkpoint/."""
+    siblings = LAYERS[1]
+    across = [where for source, target, where in arrows() if source in siblings and target in siblings]
+    assert across == [], "\n".join(across)

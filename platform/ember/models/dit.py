@@ -3,7 +3,7 @@ class), unpatchify. Plain torch; same call signature as the U-Net: model(x_t, t,
 
 With `moe`, every n-th block's FFN is ember's MoE layer (as in the GPT); the forward keeps returning the
 prediction and leaves the blocks' summed load-balancing loss in `aux_loss`, which the diffusion objective
-adds to its MSE. Under expert parallelism a rank builds only its own experts (`ep_rank`), each initialised
+adds to its MSE. Under expert parallelism a rank builds only the experts its `placement` gives it, each initialised
 from a seed of its global id, so any EP size holds the same experts."""
 
 from __future__ import annotations
