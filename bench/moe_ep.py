@@ -68,7 +68,7 @@ def build(model: dict, moe: dict, args):
     spec = job_spec(model, moe, args)
     world = world_from_env("cpu", ep_size=moe["ep_size"])
     torch.manual_seed(0)
-    return build_engine(spec, build_model(spec.model, ep_rank=world.ep_rank, seed=0), world)
+    return build_engine(spec, build_model(spec.model, world.expert_placement(spec.model), seed=0), world)
 
 
 def text_rows(rank: int, step: int) -> torch.Tensor:

@@ -21,9 +21,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ember.engines.expert_groups import attach_expert_groups
 from ember.models.layers.mlp import MLP
-from ember.models.layers.moe import EmberMoE, attach_expert_groups
-from ember.models.layers.moe.deepspeed_compat import build_deepspeed_moe
+from ember.models.layers.moe import EmberMoE
+from ember.models.layers.moe.deepspeed_layer import build_deepspeed_moe
 from ember.models.layers.moe.experts import RUNNERS
 from ember.spec.model import MoESpec
 from ember.world import local_world
@@ -47,7 +48,7 @@ def build_layers(experts: int, k: int) -> dict[str, nn.Module]:
     layers = {"dense": MLP(D_MODEL, D_FF * k)}
     for drop, mode in ((True, "capacity"), (False, "dropless")):
         deepspeed = build_deepspeed_moe(D_MODEL, D_FF, moe_spec(experts, k, drop, "deepspeed"), 0.0)
-        attach_expert_groups(deepspeed, "gloo")
+        attach_expert_groups(deepspeed, local_world())
         layers[f"deepspeed-{mode}"] = deepspeed
         layers[f"ember-{mode}"] = EmberMoE(D_MODEL, D_FF, moe_spec(experts, k, drop, "ember"))
     if k == 2:

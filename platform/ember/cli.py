@@ -230,8 +230,9 @@ def ckpt_export(
 ) -> None:
     """Write the full model weights (gathered from ZeRO shards and expert files) as safetensors."""
     from ember.checkpoint.export import export_safetensors
+    from ember.engines.weights import full_state_dict
 
-    source = export_safetensors(path, out)
+    source = export_safetensors(path, out, full_state_dict)
     console.print(f"exported {source} -> {out}", markup=False)
 
 
@@ -272,8 +273,8 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print tokens, text and finish reason as JSON.")] = False,
 ) -> None:
     """Generate text from a GPT checkpoint in this process (KV cache; the reference for `ember serve`)."""
+    from ember.generation.sampling import SamplingParams
     from ember.serve.generate import generate as run_generate
-    from ember.serve.sampling import SamplingParams
 
     params = SamplingParams(0.0 if greedy else temperature, top_k, top_p, seed)
     result = run_generate(path, prompt, max_tokens, params, stop)

@@ -6,8 +6,11 @@ torchrun both set RANK, WORLD_SIZE, LOCAL_RANK). Only this module and cli.py rea
 
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,9 +46,131 @@ class World:
         """Replicas of each expert: the data-parallel size of expert parameters."""
         return self.world_size // self.ep_size
 
+    @functools.cached_property
+    def expert_groups(self) -> tuple[Any, Any]:
+        """(expert-parallel group, expert-data-parallel group) of this rank: consecutive ranks form an EP group
+        (ep_rank = rank % ep_size), the ranks holding the same experts an expert-data-parallel group. Created on
+        first use, by every rank (torch's new_group is collective); (None, None) without expert parallelism."""
+        if self.ep_size == 1:
+            return None, None
+        parallel = data = None
+        for first in range(0, self.world_size, self.ep_size):
+            group = dist.new_group(list(range(first, first + self.ep_size)))
+            parallel = group if first <= self.rank < first + self.ep_size else parallel
+        for ep_rank in range(self.ep_size):
+            group = dist.new_group(list(range(ep_rank, self.world_size, self.ep_size)))
+            data = group if ep_rank == self.ep_rank else data
+        return parallel, data
+
     def barrier(self) -> None:
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
+
+
+    def expert_placement(self, model_spec, hosts: tuple[Host, ...] = ()) -> ExpertPlacement | None:
+        """This rank's ExpertPlacement for a model section with a `moe` field (None for a dense model)."""
+        moe = getattr(model_spec, "moe", None)
+        if moe is None:
+            return None
+        if moe.ep_size != self.ep_size:
+            raise ValueError(f"model.moe.ep_size={moe.ep_size} in a world built with ep_size={self.ep_size}")
+        return ExpertPlacement(moe.num_experts, self.ep_size, self.ep_rank, tuple(hosts))
+
+
+@dataclass(frozen=True)
+class Host:
+    hostname: str
+    ip: str
+    node_id: str | None = None  # Ray's node id: two Ray nodes can share a host
+
+
+@dataclass(frozen=True)
+class ExpertPlacement:
+    """Which global experts each EP rank holds, and where the ranks run: built once per process and handed to
+    the MoE layers, their dispatcher, the checkpoint manifest, the reshard and serving.
+
+    EP rank e holds the contiguous block of global ids e * E_local .. (e + 1) * E_local - 1; world rank r is
+    EP rank r % ep_size (consecutive ranks form an EP group). Under PR-MoE layers differ in expert count:
+    `for_experts(n)` is the same placement for a layer of n experts.
+    """
+
+    num_experts: int
+    ep_size: int = 1
+    ep_rank: int = 0  # this process's
+    hosts: tuple[Host, ...] = field(default=(), compare=False)  # by world rank; empty when not gathered
+
+    def __post_init__(self) -> None:
+        if self.num_experts % self.ep_size or not 0 <= self.ep_rank < self.ep_size:
+            raise ValueError(f"{self.num_experts} experts on EP rank {self.ep_rank} of ep_size={self.ep_size}")
+
+    @property
+    def num_local(self) -> int:
+        return self.num_experts // self.ep_size
+
+    @property
+    def local_experts(self) -> range:
+        """The global ids this rank holds, in local order."""
+        return self.experts_of(self.ep_rank)
+
+    @property
+    def first_expert(self) -> int:
+        return self.local_experts.start
+
+    def experts_of(self, ep_rank: int) -> range:
+        return range(ep_rank * self.num_local, (ep_rank + 1) * self.num_local)
+
+    def ep_rank_of(self, expert: int) -> int:
+        return expert // self.num_local
+
+    def ep_rank_of_rank(self, rank: int) -> int:
+        return rank % self.ep_size
+
+    def replica_ranks(self, ep_rank: int, world_size: int) -> range:
+        """The world ranks holding EP rank ep_rank's experts (its expert-data-parallel group)."""
+        return range(ep_rank, world_size, self.ep_size)
+
+    def for_experts(self, num_experts: int) -> ExpertPlacement:
+        return replace(self, num_experts=num_experts)
+
+    def at(self, ep_rank: int) -> ExpertPlacement:
+        return replace(self, ep_rank=ep_rank)
+
+    def record(self, layers: dict[int, int]) -> dict[str, Any]:
+        """The manifest's `placement`: MoE block -> global expert -> EP rank (layers: block -> its expert
+        count), and every world rank's EP rank and host."""
+        return {
+            "ep_size": self.ep_size,
+            "num_experts": max(layers.values()),
+            "layers": {str(block): {str(e): self.for_experts(n).ep_rank_of(e) for e in range(n)}
+                       for block, n in layers.items()},
+            "ranks": [{"rank": rank, "ep_rank": self.ep_rank_of_rank(rank), "host": host.hostname, "ip": host.ip,
+                       "node_id": host.node_id} for rank, host in enumerate(self.hosts)],
+        }
+
+
+def this_host() -> Host:
+    """This process's host; under Ray, the node's IP and id as Ray knows them."""
+    hostname = socket.gethostname()
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return Host(hostname, ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id())
+    except ImportError:
+        pass
+    try:
+        return Host(hostname, socket.gethostbyname(hostname))
+    except OSError:
+        return Host(hostname, "127.0.0.1")
+
+
+def gather_hosts(world: World) -> tuple[Host, ...]:
+    """Every rank's host, in rank order (collective)."""
+    mine = this_host()
+    hosts = [mine] * world.world_size
+    if world.world_size > 1:
+        dist.all_gather_object(hosts, mine)
+    return tuple(hosts)
 
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:

@@ -128,7 +128,7 @@ def build(run: Run):
     spec = job_spec(run)
     world = world_from_env("cpu", ep_size=run.ep_size)
     torch.manual_seed(0)
-    model = build_model(spec.model, ep_rank=world.ep_rank, seed=0)
+    model = build_model(spec.model, world.expert_placement(spec.model), seed=0)
     return spec, world, build_engine(spec, model, world)
 
 

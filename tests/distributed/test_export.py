@@ -11,8 +11,9 @@ import torch
 from ember.checkpoint.export import export_safetensors, load_exported
 from ember.checkpoint.manager import CheckpointManager
 from ember.engines import build_engine
+from ember.engines.expert_groups import attach_expert_groups
+from ember.engines.weights import full_state_dict
 from ember.models import build_model
-from ember.models.layers.moe import attach_expert_groups
 from ember.spec import JobSpec
 from ember.train.objectives.lm import lm_loss, split_batch
 from ember.world import local_world, world_from_env
@@ -45,7 +46,7 @@ def train_save_and_probe(rank: int, world_size: int, folder: str) -> torch.Tenso
     spec = JobSpec.from_dict(spec_dict(ep_size=2))
     world = world_from_env("cpu", ep_size=2)
     torch.manual_seed(0)
-    engine = build_engine(spec, build_model(spec.model, ep_rank=world.ep_rank, seed=0), world)
+    engine = build_engine(spec, build_model(spec.model, world.expert_placement(spec.model), seed=0), world)
     for step in range(3):
         inputs, targets = split_batch(text_rows(4096 * (2 * step + rank), MICRO))
         loss, _ = lm_loss(engine.forward(inputs), targets, aux_weight=0.01)
@@ -63,7 +64,7 @@ def train_save_and_probe(rank: int, world_size: int, folder: str) -> torch.Tenso
 def exported_logits(rank: int, world_size: int, exported: str) -> torch.Tensor:
     world = local_world()
     model, _ = load_exported(Path(exported))
-    attach_expert_groups(model, world.backend)
+    attach_expert_groups(model, world)
     model.eval()
     with torch.no_grad():
         return model(split_batch(text_rows(100_000, MICRO))[0]).logits
@@ -73,7 +74,7 @@ def test_export_of_expert_parallel_zero2_matches_the_sharded_model(tmp_path: Pat
     sharded = run_on_ranks(train_save_and_probe, 2, str(tmp_path))
     torch.testing.assert_close(sharded[0], sharded[1], rtol=0, atol=0)
     out = tmp_path / "model.safetensors"
-    export_safetensors(tmp_path, out)
+    export_safetensors(tmp_path, out, full_state_dict)
     (plain,) = run_on_ranks(exported_logits, 1, str(out))
     # Same weights, same routing; only GEMM blocking differs (experts see other batch shapes): fp32 rounding.
     torch.testing.assert_close(plain, sharded[0], rtol=1e-5, atol=1e-5)

@@ -13,10 +13,14 @@ import torch
 
 from ember.checkpoint.export import export_safetensors, load_exported
 from ember.checkpoint.manager import CheckpointManager
-from ember.models.layers.moe import EmberMoE, attach_expert_groups
-from ember.models.layers.moe.deepspeed_compat import PER_EXPERT, build_deepspeed_moe, to_per_expert_layout
+from ember.engines.expert_groups import attach_expert_groups
+from ember.engines.weights import full_state_dict
+from ember.models.layers.moe import EmberMoE
+from ember.models.layers.moe.deepspeed_layer import build_deepspeed_moe
+from ember.models.layers.moe.layouts import PER_EXPERT, to_per_expert_layout
 from ember.spec.model import MoESpec
 from ember.train.objectives.lm import split_batch
+from ember.world import ExpertPlacement, world_from_env
 from tests.distributed.test_engines import LOSS_RTOL, NORM_RTOL, Run, build, corpus, job_spec, quiet_rank, train
 from tests.distributed.test_export import exported_logits, text_rows
 from tests.helpers.distributed import run_on_ranks
@@ -69,10 +73,12 @@ def oracle(rank: int, top_k: int, drop_tokens: bool) -> dict[str, float]:
                    min_capacity=0)
     weights = local_slice(global_weights(spec), spec, rank)
     reference = build_deepspeed_moe(D_MODEL, D_FF, spec.model_copy(update={"impl": "deepspeed"}), 0.0)
-    ember = EmberMoE(D_MODEL, D_FF, spec.model_copy(update={"impl": "ember"}), ep_rank=rank)
+    world = world_from_env("cpu", ep_size=2)
+    placement = ExpertPlacement(spec.num_experts, 2, world.ep_rank)
+    ember = EmberMoE(D_MODEL, D_FF, spec.model_copy(update={"impl": "ember"}), placement)
     for layer in (reference, ember):
         layer.load_state_dict(weights, strict=True)
-        attach_expert_groups(layer, "gloo")
+        attach_expert_groups(layer, world)
     torch.manual_seed(100 + rank)  # each rank routes its own tokens, to experts on both ranks
     x = torch.randn(TOKENS, D_MODEL)
     (out_e, aux_e, grads_e), (out_r, aux_r, grads_r) = run(ember, x), run(reference, x)
@@ -185,7 +191,7 @@ def test_deepspeed_writes_one_file_per_global_expert(ranks, folder):
 def test_export_of_ember_ep2_zero2_matches_the_sharded_model(ranks, folder):
     torch.testing.assert_close(ranks[0]["probe"], ranks[1]["probe"], rtol=0, atol=0)
     out = folder / "model.safetensors"
-    export_safetensors(folder, out)
+    export_safetensors(folder, out, full_state_dict)
     model, spec = load_exported(out)
     assert spec.model.moe.impl == "ember" and spec.model.moe.ep_size == 2
     assert "blocks.1.ffn.moe.experts.w_in" in model.state_dict()  # ember's stacked layout, all 4 experts

@@ -20,8 +20,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ember.checkpoint.reshard import ExpertLayout, read_full_state, relayout_groups, saved_layout
 from ember.engines.base import build_engine
+from ember.engines.deepspeed.reshard import ExpertLayout, read_full_state, relayout_groups, saved_layout
 from ember.errors import UserError
 from ember.models import build_model
 from ember.spec import JobSpec
@@ -105,7 +105,7 @@ def build(run: Run):
     spec = run.spec()
     world = world_from_env("cpu", ep_size=run.ep_size or 1)
     torch.manual_seed(0)
-    return spec, world, build_engine(spec, build_model(spec.model, ep_rank=world.ep_rank, seed=0), world)
+    return spec, world, build_engine(spec, build_model(spec.model, world.expert_placement(spec.model), seed=0), world)
 
 
 def micro_batch(tokens: torch.Tensor, step: int, index: int) -> torch.Tensor:

@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 from ember.checkpoint.manager import CheckpointManager
-from ember.checkpoint.placement import expert_placement, gather_hosts
 from ember.engines import build_engine
 from ember.models import build_model
 from ember.spec import JobSpec
+from ember.train.loop import placement_record
 from ember.train.objectives.lm import lm_loss, split_batch
-from ember.world import world_from_env
+from ember.world import gather_hosts, world_from_env
 from tests.helpers.distributed import run_on_ranks
 
 SEQ, MICRO, STEPS = 32, 8, 8
@@ -49,7 +49,7 @@ def _train_and_save(rank: int, world_size: int, run_dir: str, ep_size: int, mode
     spec = JobSpec.from_dict(tiny_moe_spec(ep_size, model))
     world = world_from_env("cpu", ep_size=ep_size)
     torch.manual_seed(0)
-    engine = build_engine(spec, build_model(spec.model, ep_rank=world.ep_rank, seed=0), world)
+    engine = build_engine(spec, build_model(spec.model, world.expert_placement(spec.model), seed=0), world)
     for step in range(STEPS):
         inputs, targets = split_batch(text_rows(MICRO * (SEQ + 1) * (2 * step + rank), MICRO))
         loss, _ = lm_loss(engine.forward(inputs), targets, aux_weight=0.01)
@@ -58,7 +58,7 @@ def _train_and_save(rank: int, world_size: int, run_dir: str, ep_size: int, mode
     facts = {
         "spec": spec.model_dump(mode="json"),
         "engine": "deepspeed",
-        "placement": expert_placement(spec.model, world, gather_hosts(world)),
+        "placement": placement_record(spec, world.expert_placement(spec.model, gather_hosts(world))),
     }
     CheckpointManager(Path(run_dir) / "checkpoints", world, facts=facts).save(
         STEPS, engine, {"data": {}, "world_size": world_size}, {"rng": None}

@@ -68,11 +68,11 @@ def test_moe_run_logs_checkpoints_resumes_and_exports(tmp_path: Path, shards: Pa
 
 def assert_export_reproduces_held_out_loss(exported: Path, shards: Path, run_dir: Path) -> None:
     """The EP=2 DeepSpeed model's last held-out loss, recomputed by the plain single-process model."""
-    from ember.models.layers.moe import attach_expert_groups
+    from ember.engines.expert_groups import attach_expert_groups
 
     world = local_world()
     model, spec = load_exported(exported)
-    attach_expert_groups(model, world.backend)
+    attach_expert_groups(model, world)
     model.eval()
     stream = ShardStream(
         [str(shards / "val-000000.tar")],

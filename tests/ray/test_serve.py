@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from ember.generation.sampling import SamplingParams
 from ember.serve.generate import generate
-from ember.serve.sampling import SamplingParams
 from tests.helpers.distributed import free_port
 from tests.helpers.moe_checkpoint import write_moe_checkpoint
 
@@ -249,7 +249,7 @@ def test_a_killed_rank_restarts_the_whole_group_and_serving_resumes(server: str,
 
 
 def test_a_stop_string_ends_the_completion_with_finish_reason_stop(server: str, run_dir: Path) -> None:
-    from ember.serve.sampling import decode_bytes
+    from ember.generation.sampling import decode_bytes
 
     expected = reference(run_dir, PROMPTS[3], 20, temperature=0.9, seed=4)
     stop = decode_bytes(expected[:3])  # text this completion produces by its third token

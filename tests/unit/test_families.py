@@ -9,13 +9,15 @@ import pytest
 import torch
 
 from ember.errors import UserError
+from ember.generation.diffusion import build_schedule, guided, sample_images
 from ember.models import build_denoiser, build_gan
 from ember.observe.images import image_grid
 from ember.spec import JobSpec
 from ember.spec.generative import DiffusionSpec, GANSpec
 from ember.train.ema import EMA
-from ember.train.objectives.diffusion import build_schedule, drop_labels, guided, sample_images
+from ember.train.objectives.diffusion import drop_labels
 from ember.train.objectives.gan import r1_penalty
+from ember.world import ExpertPlacement
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -231,7 +233,7 @@ def test_dit_ep_ranks_hold_the_experts_of_the_single_process_dit_by_global_id() 
     fields = {"backbone": "dit", "width": 32, "depth": 2, "heads": 4, "patch_size": 2}
     whole = build_denoiser(tiny_diffusion(**fields, moe={"num_experts": 4, "impl": "ember"}), seed=7)
     split = tiny_diffusion(**fields, moe={"num_experts": 4, "ep_size": 2, "impl": "ember"})
-    halves = [build_denoiser(split, ep_rank=rank, seed=7) for rank in (0, 1)]
+    halves = [build_denoiser(split, ExpertPlacement(4, 2, rank), seed=7) for rank in (0, 1)]
     for name in ("w_in", "b_in", "w_out", "b_out"):
         parts = [getattr(half.blocks[1].mlp.moe.experts, name) for half in halves]
         assert parts[0].shape[0] * 2 == getattr(whole.blocks[1].mlp.moe.experts, name).shape[0]

@@ -7,12 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ember.engines.deepspeed.moe import expose_to_deepspeed
+from ember.engines.expert_groups import attach_expert_groups
 from ember.models import build_model
-from ember.models.layers.moe import EmberMoE, attach_expert_groups, expose_to_deepspeed
-from ember.models.layers.moe.deepspeed_compat import build_deepspeed_moe
+from ember.models.layers.moe import EmberMoE
+from ember.models.layers.moe.deepspeed_layer import build_deepspeed_moe
 from ember.models.layers.moe.experts import RUNNERS
 from ember.spec.model import GPTSpec, MoESpec
-from ember.world import local_world
+from ember.world import ExpertPlacement, Host, local_world
 
 D_MODEL, D_FF, TOKENS = 16, 32, 96
 # fp32, compared per tensor as max |actual - expected| <= TOLERANCE * max |expected|. Routing decisions are the
@@ -48,7 +50,7 @@ def layer_pair(spec: MoESpec, seed: int = 0):
     reference = build_deepspeed_moe(D_MODEL, D_FF, spec.model_copy(update={"impl": "deepspeed"}), 0.0)
     for param in reference.parameters():
         torch.nn.init.normal_(param, std=0.3)  # a spread-out router, so capacity really drops tokens
-    attach_expert_groups(reference, "gloo")
+    attach_expert_groups(reference, local_world())
     ember = EmberMoE(D_MODEL, D_FF, spec.model_copy(update={"impl": "ember"}))
     ember.load_state_dict(reference.state_dict(), strict=True)  # DeepSpeed's layout loads into ember's
     return reference, ember
@@ -149,7 +151,7 @@ def test_expert_parallel_ranks_hold_slices_of_the_single_rank_experts():
     def build(ep_size: int, ep_rank: int):
         spec = GPTSpec.model_validate({"d_model": 16, "n_heads": 2, "n_layers": 2, "seq_len": 8,
                                        "moe": {"num_experts": 4, "ep_size": ep_size, "impl": "ember"}})
-        return build_model(spec, ep_rank=ep_rank, seed=3).blocks[1].ffn.moe.experts
+        return build_model(spec, ExpertPlacement(4, ep_size, ep_rank), seed=3).blocks[1].ffn.moe.experts
 
     whole = build(1, 0)
     halves = [build(2, rank) for rank in (0, 1)]
@@ -164,7 +166,7 @@ def test_both_impls_build_the_same_gpt_from_the_same_seed(impl):
         spec = GPTSpec.model_validate({"d_model": 16, "n_heads": 2, "n_layers": 2, "seq_len": 8,
                                        "moe": {"num_experts": 4, "top_k": 2, "impl": which, "residual": True}})
         model = build_model(spec, seed=5)
-        attach_expert_groups(model, "gloo")
+        attach_expert_groups(model, local_world())
         return model
 
     other = "deepspeed" if impl == "ember" else "ember"
@@ -214,14 +216,29 @@ def test_reused_gradient_memory_never_overwrites_a_gradient_in_use():
 def test_pyramid_moe_gives_deeper_layers_more_experts(impl):
     spec = GPTSpec.model_validate({"d_model": 16, "n_heads": 2, "n_layers": 4, "seq_len": 8, "moe": {
         "experts_per_layer": [2, 4], "top_k": 2, "ep_size": 2, "impl": impl, "residual": True}})
-    model = build_model(spec, ep_rank=1, seed=0)  # built only: ep_size=2 needs two ranks to run
-    assert [block.ffn.num_local_experts for block in model.blocks[1::2]] == [1, 2]  # ep_size=2 halves 2 and 4
-    assert [block.ffn.first_expert for block in model.blocks[1::2]] == [1, 2]
+    model = build_model(spec, ExpertPlacement(4, 2, 1), seed=0)  # built only: ep_size=2 needs two ranks to run
+    assert [block.ffn.placement.num_local for block in model.blocks[1::2]] == [1, 2]  # ep_size=2 halves 2 and 4
+    assert [block.ffn.placement.first_expert for block in model.blocks[1::2]] == [1, 2]
     whole = build_model(spec.model_copy(update={"moe": spec.moe.model_copy(update={"ep_size": 1})}), seed=0)
-    attach_expert_groups(whole, "gloo")
+    attach_expert_groups(whole, local_world())
     pyramid = sum(p.numel() for p in whole.parameters())
     flat = build_model(spec.model_copy(update={"moe": spec.moe.model_copy(update={"ep_size": 1,
                                                                                "experts_per_layer": None,
                                                                                "num_experts": 4})}), seed=0)
     assert pyramid < sum(p.numel() for p in flat.parameters())
     assert whole(torch.randint(0, 256, (2, 8))).logits.shape == (2, 8, 256)
+
+
+def test_expert_placement_gives_each_ep_rank_a_contiguous_block_and_records_hosts():
+    hosts = tuple(Host(f"node{r // 2}", f"10.0.0.{r // 2}", None) for r in range(4))
+    placement = ExpertPlacement(8, ep_size=2, ep_rank=1, hosts=hosts)
+    assert list(placement.local_experts) == [4, 5, 6, 7]
+    assert [placement.ep_rank_of(e) for e in range(8)] == [0] * 4 + [1] * 4
+    assert list(placement.for_experts(2).local_experts) == [1]  # a PR-MoE layer with 2 experts
+    assert list(placement.replica_ranks(1, world_size=4)) == [1, 3]
+    record = placement.record({1: 8, 3: 2})
+    assert record["layers"]["3"] == {"0": 0, "1": 1}
+    assert [(r["ep_rank"], r["host"], r["ip"]) for r in record["ranks"]] == [
+        (0, "node0", "10.0.0.0"), (1, "node0", "10.0.0.0"), (0, "node1", "10.0.0.1"), (1, "node1", "10.0.0.1")]
+    with pytest.raises(ValueError, match="ep_size=3"):
+        ExpertPlacement(8, ep_size=3)

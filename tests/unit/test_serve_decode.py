@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from ember.generation.decode import Admit, DecodeRunner, StepPlan, finish_reason
+from ember.generation.sampling import SamplingParams, nucleus
 from ember.models import build_model
 from ember.models.layers.attention import RaggedKV
-from ember.serve.decode import Admit, DecodeRunner, StepPlan, finish_reason
-from ember.serve.sampling import SamplingParams, nucleus
 from ember.spec.model import GPTSpec, MoESpec
 
 

@@ -1,37 +1,37 @@
 """Export a checkpoint's full model weights (ZeRO shards and expert files gathered) to safetensors.
 
 The file loads into the plain single-process model (`load_exported`), whatever engine and EP size
-trained it: experts are stored under their global ids, so the model is rebuilt with ep_size=1.
+trained it: experts are stored under their global ids, so the model is rebuilt with ep_size=1. The engine
+that wrote the checkpoint reads its own files (`read_weights`, ember.engines.weights.full_state_dict).
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
-from ember.checkpoint.io import load_file
 from ember.checkpoint.manager import find_checkpoint
 from ember.checkpoint.manifest import read_manifest
-from ember.checkpoint.reshard import EXPERT_WEIGHTS_GLOB, MODEL_STATES
 from ember.errors import UserError
 from ember.models import GPT, build_model
 from ember.spec import JobSpec
 from ember.spec.moe import single_process
 
 SPEC_KEY = "ember_spec"
+ReadWeights = Callable[[Path, JobSpec], dict[str, torch.Tensor]]  # (engine folder, spec) -> full module state
 
 
-def export_safetensors(path: Path, out: Path) -> Path:
+def export_safetensors(path: Path, out: Path, read_weights: ReadWeights) -> Path:
     checkpoint = find_checkpoint(Path(path))
     manifest = read_manifest(checkpoint)
     spec = JobSpec.model_validate(manifest["spec"])
     model = build_single_process_model(spec)
-    model.load_state_dict(full_state_dict(checkpoint / "engine", spec), strict=True)
+    model.load_state_dict(read_weights(checkpoint / "engine", spec), strict=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_model(
         model, str(out), metadata={SPEC_KEY: json.dumps(spec.model_dump(mode="json")), "step": str(manifest["step"])}
@@ -41,7 +41,7 @@ def export_safetensors(path: Path, out: Path) -> Path:
 
 def build_single_process_model(spec: JobSpec) -> GPT:
     """The same architecture with every expert local (ep_size=1)."""
-    return build_model(single_process(spec.model), ep_rank=0, seed=spec.schedule.seed)
+    return build_model(single_process(spec.model), seed=spec.schedule.seed)
 
 
 def load_exported(path: Path) -> tuple[GPT, JobSpec]:
@@ -55,37 +55,3 @@ def load_exported(path: Path) -> tuple[GPT, JobSpec]:
     model = build_single_process_model(spec)
     load_model(model, str(path), strict=True)
     return model, spec
-
-
-def full_state_dict(engine_dir: Path, spec: JobSpec) -> dict[str, torch.Tensor]:
-    kind = spec.engine.kind
-    if kind == "deepspeed":
-        return _deepspeed_state_dict(engine_dir, spec)
-    if kind == "fsdp":
-        return _dcp_state_dict(engine_dir)
-    return _torch_load(engine_dir / "model.pt")  # ddp and fairscale write the full module on rank 0
-
-
-def _deepspeed_state_dict(engine_dir: Path, spec: JobSpec) -> dict[str, torch.Tensor]:
-    if spec.engine.zero_stage == 3 or (spec.engine.precision != "fp32" and spec.model.moe is None):
-        # Partitioned (ZeRO-3) or low-precision module weights: rebuild the fp32 masters from the shards.
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(engine_dir.parent), tag=engine_dir.name)
-    state = _torch_load(engine_dir / MODEL_STATES)["module"]
-    for expert_file in sorted(engine_dir.glob(EXPERT_WEIGHTS_GLOB)):
-        state.update(_torch_load(expert_file))  # keys already carry global expert ids
-    return {name: tensor.float() for name, tensor in state.items()}
-
-
-def _dcp_state_dict(engine_dir: Path) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as scratch:
-        target = Path(scratch) / "full.pt"
-        dcp_to_torch_save(str(engine_dir), str(target))
-        return _torch_load(target)["model"]
-
-
-def _torch_load(path: Path):
-    return load_file(path, "the checkpoint; it cannot be exported")

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from ember.engines.base import Engine, build_engine
+from ember.engines.base import Engine, build_engine, network_spec
 
-__all__ = ["Engine", "build_engine"]
+__all__ = ["Engine", "build_engine", "network_spec"]

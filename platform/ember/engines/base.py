@@ -57,3 +57,10 @@ def build_engine(spec, model: nn.Module, world: World) -> Engine:
     import ember.engines.fsdp  # noqa: F401
 
     return ENGINES.get(spec.engine.kind)(spec, model, world)
+
+
+def network_spec(spec, name: str):
+    """The job spec one network's engine is built from (a GAN's generator or discriminator): its own
+    optim/engine sections, else the job's."""
+    network = getattr(spec.model, name)
+    return spec.model_copy(update={"optim": network.optim or spec.optim, "engine": network.engine or spec.engine})

@@ -18,9 +18,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ember.checkpoint.io import save_file
 from ember.engines.base import ENGINES
+from ember.engines.expert_groups import attach_expert_groups
 from ember.engines.expert_shards import ExpertShards
 from ember.engines.optim import build_optimizer, build_scheduler
-from ember.models.layers.moe import attach_expert_groups
 from ember.world import World
 
 
@@ -159,7 +159,7 @@ class DDPEngine(TorchEngine):
 @ENGINES.register("ddp")
 def build_ddp_engine(spec, model: nn.Module, world: World) -> DDPEngine:
     model.to(world.device)
-    attach_expert_groups(model, world.backend)  # MoE layers need their expert groups (size 1 without EP)
+    attach_expert_groups(model, world)  # MoE layers need their expert groups (size 1 without EP)
     experts = ExpertShards(model, world) if world.ep_size > 1 else None
     if experts is not None:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts.names)

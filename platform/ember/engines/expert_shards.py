@@ -19,7 +19,6 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ember.errors import UserError
 from ember.models.layers.moe import is_expert_parameter
-from ember.models.layers.moe.deepspeed_compat import expert_groups
 from ember.world import World
 
 
@@ -29,7 +28,7 @@ class ExpertShards:
         if any(name.rsplit(".", 1)[-1] not in ("w_in", "b_in", "w_out", "b_out") for name in self.params):
             raise UserError("model.moe.ep_size > 1 on this engine needs model.moe.impl: ember (stacked experts)")
         self.ep_size, self.ep_rank, self.world_size = world.ep_size, world.ep_rank, world.world_size
-        self.parallel_group, self.data_group = expert_groups(world.ep_size)
+        self.parallel_group, self.data_group = world.expert_groups
 
     @property
     def names(self) -> list[str]:

@@ -16,9 +16,9 @@ from torch import nn
 from ember.checkpoint.io import save_file
 from ember.engines.base import ENGINES
 from ember.engines.ddp import TorchEngine, read_torch_file
+from ember.engines.expert_groups import attach_expert_groups
 from ember.engines.optim import build_optimizer
 from ember.errors import UserError
-from ember.models.layers.moe import attach_expert_groups
 from ember.world import World
 
 
@@ -76,7 +76,7 @@ def build_oss(model: nn.Module, spec, fused: bool):
 def build_sharded_ddp(spec, model: nn.Module, world: World) -> ShardedDDPEngine:
     from fairscale.nn.data_parallel import ShardedDataParallel
 
-    attach_expert_groups(model, world.backend)  # MoE layers need their (size-1) expert groups
+    attach_expert_groups(model, world)  # MoE layers need their (size-1) expert groups
     optimizer = build_oss(model, spec, fused=world.device.type == "cuda")
     wrapped = ShardedDataParallel(model, optimizer)
     return ShardedDDPEngine(spec, model, wrapped, optimizer, world)
@@ -90,7 +90,7 @@ def build_fairscale_fsdp(spec, model: nn.Module, world: World) -> FairscaleFSDPE
         )
     from fairscale.nn import FullyShardedDataParallel
 
-    attach_expert_groups(model, world.backend)
+    attach_expert_groups(model, world)
     # Groups come from the unwrapped model (shards are 1-D, so FSDP's view would lose decay vs no-decay);
     # without flattening FSDP shards these same Parameter objects in place.
     optimizer = build_optimizer(model, spec.optim, fused=True)

@@ -16,8 +16,8 @@ from torch import nn
 from ember.checkpoint.io import save_file
 from ember.engines.base import ENGINES
 from ember.engines.ddp import TorchEngine, read_torch_file
+from ember.engines.expert_groups import attach_expert_groups
 from ember.engines.optim import build_optimizer
-from ember.models.layers.moe import attach_expert_groups
 from ember.world import World
 
 # torch.distributed.fsdp/checkpoint import DTensor, seconds of start-up: imported where used.
@@ -75,7 +75,7 @@ def shard_model(model: nn.Module, world: World, reshard_after_forward: bool, bf1
 @ENGINES.register("fsdp")
 def build_fsdp_engine(spec, model: nn.Module, world: World) -> FSDPEngine:
     model.to(world.device)
-    attach_expert_groups(model, world.backend)  # MoE layers need their (size-1) expert groups
+    attach_expert_groups(model, world)  # MoE layers need their (size-1) expert groups
     bf16 = spec.engine.precision == "bf16"
     sharded = shard_model(model, world, spec.engine.reshard_after_forward, bf16)
     optimizer = build_optimizer(sharded, spec.optim, fused=world.device.type == "cuda")

@@ -19,9 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ember.checkpoint.export import build_single_process_model, full_state_dict
+from ember.checkpoint.export import build_single_process_model
 from ember.checkpoint.manager import find_checkpoint
 from ember.checkpoint.manifest import read_manifest
+from ember.checkpoint.readers import load_ema
+from ember.engines.weights import full_state_dict
 from ember.errors import UserError
 from ember.evaluate.classifier import DigitsClassifier, digit_split, load_classifier
 from ember.evaluate.frechet import frechet_distance
@@ -140,16 +142,9 @@ def variants(spec: JobSpec, checkpoint: Path, guidance: list[float] | None) -> l
     return gan_variants(spec, checkpoint) if family == "gan" else [image_gpt_variant(spec, checkpoint)]
 
 
-def load_ema(checkpoint: Path, name: str) -> dict[str, torch.Tensor]:
-    path = checkpoint / "engine" / "ema.pt"
-    if not path.is_file():
-        raise UserError(f"{checkpoint}: no ema.pt; was this run trained by an ember with EMA support?")
-    return torch.load(path, map_location="cpu", weights_only=False)[name]["module"]
-
-
 def diffusion_variants(spec: JobSpec, checkpoint: Path, guidance: list[float] | None) -> list[Variant]:
+    from ember.generation.diffusion import build_schedule, sample_images
     from ember.models import build_denoiser
-    from ember.train.objectives.diffusion import build_schedule, sample_images
 
     model = build_denoiser(single_process(spec.model))
     model.load_state_dict(load_ema(checkpoint, "model"))
@@ -168,27 +163,25 @@ def diffusion_variants(spec: JobSpec, checkpoint: Path, guidance: list[float] | 
 
 
 def gan_variants(spec: JobSpec, checkpoint: Path) -> list[Variant]:
+    from ember.engines import network_spec
+    from ember.generation.gan import sample_gan
     from ember.models import build_gan
-    from ember.train.objectives.gan import network_spec
 
     ema, raw = build_gan(spec.model)[0], build_gan(spec.model)[0]
     ema.load_state_dict(load_ema(checkpoint, "generator"))
     raw.load_state_dict(full_state_dict(checkpoint / "engine" / "generator", network_spec(spec, "generator")))
 
     def generate_with(generator: torch.nn.Module) -> Generate:
-        generator.eval()
-
-        @torch.no_grad()
         def generate(labels: torch.Tensor, seed: int) -> torch.Tensor:
-            z = torch.randn(len(labels), spec.model.generator.z_dim, generator=torch.Generator().manual_seed(seed))
-            return generator(z, labels.long() if spec.model.num_classes else None)
+            conditional = labels.long() if spec.model.num_classes else None
+            return sample_gan(generator, conditional, len(labels), spec.model.generator.z_dim, seed)
         return generate
 
     return [Variant("ema", None, generate_with(ema)), Variant("raw", None, generate_with(raw))]
 
 
 def image_gpt_variant(spec: JobSpec, checkpoint: Path) -> Variant:
-    from ember.serve.sampling import sample_image_tokens
+    from ember.generation.sampling import sample_image_tokens
 
     model = build_single_process_model(spec)
     model.load_state_dict(full_state_dict(checkpoint / "engine", spec))

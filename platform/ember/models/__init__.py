@@ -5,15 +5,17 @@ from __future__ import annotations
 from torch import nn
 
 from ember.models.gpt import GPT, ModelOutput, build_model
+from ember.world import ExpertPlacement
 
 
-def build_denoiser(spec, ep_rank: int = 0, seed: int = 0) -> nn.Module:
+def build_denoiser(spec, placement: ExpertPlacement | None = None, seed: int = 0) -> nn.Module:
     """The diffusion family's noise predictor (a DiffusionSpec picks the backbone); a DiT with MoE blocks
-    holds EP rank `ep_rank`'s experts, initialised from `seed` and their global ids."""
+    holds the experts `placement` gives this rank (None: EP rank 0's), initialised from `seed` and their
+    global ids."""
     from ember.models.dit import DiT
     from ember.models.unet import UNet
 
-    return DiT(spec, ep_rank, seed) if spec.backbone == "dit" else UNet(spec)
+    return DiT(spec, placement, seed) if spec.backbone == "dit" else UNet(spec)
 
 
 def build_gan(spec) -> tuple[nn.Module, nn.Module]:

@@ -3,7 +3,7 @@ class), unpatchify. Plain torch; same call signature as the U-Net: model(x_t, t,
 
 With `moe`, every n-th block's FFN is ember's MoE layer (as in the GPT); the forward keeps returning the
 prediction and leaves the blocks' summed load-balancing loss in `aux_loss`, which the diffusion objective
-adds to its MSE. Under expert parallelism a rank builds only its own experts (`ep_rank`), each initialised
+adds to its MSE. Under expert parallelism a rank builds only the experts its `placement` gives it, each initialised
 from a seed of its global id, so any EP size holds the same experts."""
 
 from __future__ import annotations
@@ -18,17 +18,19 @@ from ember.models.layers.moe import MoEFFN, build_moe_ffn
 from ember.models.unet import ConditionEmbedding
 from ember.spec.generative import DiffusionSpec
 from ember.spec.moe import MoESpec
+from ember.world import ExpertPlacement
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, width: int, heads: int, cond_dim: int, moe: MoESpec | None = None, ep_rank: int = 0) -> None:
+    def __init__(self, width: int, heads: int, cond_dim: int, moe: MoESpec | None = None,
+                 placement: ExpertPlacement | None = None) -> None:
         super().__init__()
         self.heads = heads
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False)
         self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False)
         if moe is not None:
-            self.mlp = build_moe_ffn(width, 4 * width, moe, ep_rank=ep_rank, dropout=0.0)
+            self.mlp = build_moe_ffn(width, 4 * width, moe, placement, dropout=0.0)
         else:
             self.mlp = nn.Sequential(
                 nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width)
@@ -51,7 +53,7 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    def __init__(self, spec: DiffusionSpec, ep_rank: int = 0, seed: int = 0) -> None:
+    def __init__(self, spec: DiffusionSpec, placement: ExpertPlacement | None = None, seed: int = 0) -> None:
         super().__init__()
         self.patch, self.channels = spec.patch_size, spec.channels
         self.side = spec.image_size // spec.patch_size
@@ -60,7 +62,8 @@ class DiT(nn.Module):
         self.embed = nn.Conv2d(spec.channels, width, spec.patch_size, stride=spec.patch_size)
         self.position = nn.Parameter(torch.randn(1, self.side**2, width) * 0.02)
         self.blocks = nn.ModuleList(
-            DiTBlock(width, spec.heads, 4 * width, spec.moe_layer_spec(i) if i in spec.moe_layers else None, ep_rank)
+            DiTBlock(width, spec.heads, 4 * width, spec.moe_layer_spec(i) if i in spec.moe_layers else None,
+                     placement)
             for i in range(spec.depth)
         )
         for index, block in enumerate(self.blocks):

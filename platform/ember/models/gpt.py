@@ -13,6 +13,7 @@ from ember.models.layers.attention import CausalSelfAttention, KVCache, RaggedKV
 from ember.models.layers.mlp import MLP
 from ember.models.layers.moe import MoEFFN, build_moe_ffn
 from ember.spec.model import GPTSpec, MoESpec
+from ember.world import ExpertPlacement
 
 
 class ModelOutput(NamedTuple):
@@ -21,13 +22,13 @@ class ModelOutput(NamedTuple):
 
 
 class Block(nn.Module):
-    def __init__(self, spec: GPTSpec, moe: MoESpec | None, ep_rank: int) -> None:
+    def __init__(self, spec: GPTSpec, moe: MoESpec | None, placement: ExpertPlacement | None) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(spec.d_model)
         self.attn = CausalSelfAttention(spec.d_model, spec.n_heads, spec.dropout)
         self.ln2 = nn.LayerNorm(spec.d_model)
         if moe is not None:
-            self.ffn = build_moe_ffn(spec.d_model, spec.ffn_width, moe, ep_rank, spec.dropout)
+            self.ffn = build_moe_ffn(spec.d_model, spec.ffn_width, moe, placement, spec.dropout)
         else:
             self.ffn = MLP(spec.d_model, spec.ffn_width, spec.dropout)
 
@@ -40,12 +41,12 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, spec: GPTSpec, ep_rank: int = 0, seed: int = 0) -> None:
+    def __init__(self, spec: GPTSpec, placement: ExpertPlacement | None = None, seed: int = 0) -> None:
         super().__init__()
         self.spec = spec
         self.tok_emb = nn.Embedding(spec.vocab_size, spec.d_model)
         self.pos_emb = nn.Embedding(spec.seq_len, spec.d_model)
-        self.blocks = nn.ModuleList(Block(spec, self._moe_spec(i), ep_rank) for i in range(spec.n_layers))
+        self.blocks = nn.ModuleList(Block(spec, self._moe_spec(i), placement) for i in range(spec.n_layers))
         self.ln_f = nn.LayerNorm(spec.d_model)
         self.head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
         if spec.tie_embeddings:
@@ -109,5 +110,6 @@ def _inside(name: str, root: nn.Module, kind: type) -> bool:
     return False
 
 
-def build_model(spec: GPTSpec, ep_rank: int = 0, seed: int = 0) -> GPT:
-    return GPT(spec, ep_rank=ep_rank, seed=seed)
+def build_model(spec: GPTSpec, placement: ExpertPlacement | None = None, seed: int = 0) -> GPT:
+    """placement: this rank's experts (World.expert_placement); None: EP rank 0's."""
+    return GPT(spec, placement, seed)

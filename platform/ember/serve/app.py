@@ -18,14 +18,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ember.checkpoint.readers import read_checkpoint_spec
 from ember.errors import UserError
+from ember.generation.sampling import SamplingParams
 from ember.serve.batching import StepLoop
 from ember.serve.expert_actor import ShardGroup
 from ember.serve.http import build_api
 from ember.serve.images import ImageQuery, ImageSampler
 from ember.serve.placement import serving_spec
-from ember.serve.sampling import SamplingParams
-from ember.serve.weights import read_checkpoint_spec
 from ray import serve
 
 HEALTH_PING_TIMEOUT_S = 20.0

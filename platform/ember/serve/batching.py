@@ -14,8 +14,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-from ember.serve.decode import Admit, StepPlan, finish_reason
-from ember.serve.sampling import SamplingParams
+from ember.generation.decode import Admit, StepPlan, finish_reason
+from ember.generation.sampling import SamplingParams
 
 StepFn = Callable[[list[StepPlan]], Awaitable[dict[int, int]]]
 

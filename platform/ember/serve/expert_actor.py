@@ -19,8 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ember.serve.decode import DecodeRunner, StepPlan
-from ember.world import backend_for, resolve_device
+from ember.generation.decode import DecodeRunner, StepPlan
+from ember.world import World, backend_for, resolve_device
 
 GROUP_TIMEOUT = datetime.timedelta(seconds=60)  # a dead rank unblocks the others' collectives after this
 START_TIMEOUT_S = 300.0
@@ -46,7 +46,7 @@ class ExpertShard:
 
     def join(self, host: str, port: int) -> dict[str, Any]:
         """Join the process group (all ranks at once), then load this rank's weights."""
-        from ember.models.layers.moe import attach_expert_groups
+        from ember.engines.expert_groups import attach_expert_groups
         from ember.serve.weights import load_rank_model
 
         if self.world_size > 1:
@@ -57,7 +57,8 @@ class ExpertShard:
             )
         model, _ = load_rank_model(self.checkpoint, self.world_size, self.rank, verify=False)  # verified once
         if self.world_size > 1:
-            attach_expert_groups(model, backend_for(self.device))
+            world = World(self.rank, self.world_size, 0, self.device, backend_for(self.device), self.world_size)
+            attach_expert_groups(model, world)  # every serving rank is one EP rank
         self.runner = DecodeRunner(model.to(self.device), self.device)
         return self.describe()
 
@@ -71,9 +72,9 @@ class ExpertShard:
         model = self.runner.model
         params = list(model.parameters())
         experts = {
-            index: list(range(block.ffn.first_expert, block.ffn.first_expert + block.ffn.num_local_experts))
+            index: list(block.ffn.placement.local_experts)
             for index, block in enumerate(model.blocks)
-            if hasattr(block.ffn, "first_expert")
+            if hasattr(block.ffn, "placement")
         }
         return {
             "rank": self.rank,

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.errors import UserError
-from ember.serve.decode import Admit, DecodeRunner, StepPlan, encode_prompt, finish_reason
-from ember.serve.sampling import SamplingParams, decode_bytes
+from ember.generation.decode import Admit, DecodeRunner, StepPlan, encode_prompt, finish_reason
+from ember.generation.sampling import SamplingParams, decode_bytes
 from ember.serve.weights import load_rank_model
 
 

@@ -25,9 +25,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ember.serve.decode import encode_prompt
+from ember.generation.decode import encode_prompt
+from ember.generation.sampling import SamplingParams
 from ember.serve.images import ImageQuery
-from ember.serve.sampling import SamplingParams
 
 OPEN_PATHS = {"/healthz"}  # liveness probes need no token
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
+from ember.checkpoint.readers import load_ema
 from ember.errors import UserError
-from ember.evaluate.report import load_ema
 from ember.observe.images import to_picture, to_pixels
 from ember.spec import JobSpec
 from ember.spec.moe import single_process
@@ -29,8 +29,8 @@ class ImageSampler:
     def __init__(self, checkpoint: Path, spec: JobSpec) -> None:
         self.spec = spec.model
         if self.spec.family == "diffusion":
+            from ember.generation.diffusion import build_schedule
             from ember.models import build_denoiser
-            from ember.train.objectives.diffusion import build_schedule
 
             self.model = build_denoiser(single_process(self.spec))
             self.model.load_state_dict(load_ema(checkpoint, "model"))
@@ -54,7 +54,7 @@ class ImageSampler:
         return [png_bytes(image) for image in images]
 
     def _diffusion(self, query: ImageQuery, labels: torch.Tensor | None) -> torch.Tensor:
-        from ember.train.objectives.diffusion import sample_images
+        from ember.generation.diffusion import sample_images
 
         shape = (query.n, self.spec.channels, self.spec.image_size, self.spec.image_size)
         guidance = self.spec.guidance if query.guidance_scale is None else query.guidance_scale
@@ -62,10 +62,10 @@ class ImageSampler:
         return sample_images(self.model, self.schedule, shape, labels, null_label=self.spec.num_classes,
                              guidance=guidance, sampler=self.spec.sampler, steps=steps, seed=query.seed)  # fmt: skip
 
-    @torch.no_grad()
     def _gan(self, query: ImageQuery, labels: torch.Tensor | None) -> torch.Tensor:
-        z = torch.randn(query.n, self.spec.generator.z_dim, generator=torch.Generator().manual_seed(query.seed))
-        return self.model(z, labels)
+        from ember.generation.gan import sample_gan
+
+        return sample_gan(self.model, labels, query.n, self.spec.generator.z_dim, query.seed)
 
 
 def png_bytes(image: torch.Tensor) -> bytes:

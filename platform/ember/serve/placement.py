@@ -13,6 +13,7 @@ from typing import Any
 from ember.errors import UserError
 from ember.spec import JobSpec
 from ember.spec.model import GPTSpec
+from ember.world import ExpertPlacement
 
 
 def serving_spec(spec: JobSpec, ep_size: int) -> GPTSpec:
@@ -29,16 +30,20 @@ def serving_spec(spec: JobSpec, ep_size: int) -> GPTSpec:
     return model.model_copy(update={"moe": model.moe.model_copy(update={"ep_size": ep_size, "drop_tokens": False})})
 
 
-def experts_of_rank(model: GPTSpec, manifest: dict[str, Any], ep_size: int, ep_rank: int) -> dict[int, list[int]]:
-    """MoE block index -> the global expert ids serving rank `ep_rank` of `ep_size` holds."""
+def serving_placement(model: GPTSpec, ep_size: int, ep_rank: int) -> ExpertPlacement | None:
+    """Serving rank `ep_rank` of `ep_size` (model: the serving_spec) is EP rank ep_rank; None for a dense model."""
+    return None if model.moe is None else ExpertPlacement(model.moe.num_experts, ep_size, ep_rank)
+
+
+def experts_of_rank(model: GPTSpec, manifest: dict[str, Any], placement: ExpertPlacement) -> dict[int, list[int]]:
+    """MoE block index -> the global expert ids the serving rank at `placement` holds."""
     placed = manifest.get("placement") or {}
     held = {}
+    ep_rank = placement.ep_rank
     for block in model.moe_layers:
-        count = model.moe_layer_spec(block).num_experts
-        share = count // ep_size
-        held[block] = list(range(ep_rank * share, (ep_rank + 1) * share))
+        held[block] = list(placement.for_experts(model.moe_layer_spec(block).num_experts).local_experts)
         recorded = placed.get("layers", {}).get(str(block))
-        if placed.get("ep_size") == ep_size and recorded is not None:
+        if placed.get("ep_size") == placement.ep_size and recorded is not None:
             from_manifest = sorted(int(e) for e, rank in recorded.items() if rank == ep_rank)
             if from_manifest != held[block]:  # the model's layers hold a contiguous block of global ids
                 raise UserError(

@@ -9,41 +9,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from ember.checkpoint.export import full_state_dict
-from ember.checkpoint.io import load_file
-from ember.checkpoint.manager import find_checkpoint
-from ember.checkpoint.manifest import read_manifest
-from ember.checkpoint.reshard import EXPERT_NAME, EXPERT_WEIGHTS_FILE, MODEL_STATES
+from ember.checkpoint.readers import read_checkpoint_spec
+from ember.engines.weights import full_state_dict
 from ember.errors import UserError
 from ember.models import GPT, build_model
-from ember.models.layers.moe.deepspeed_compat import to_per_expert_layout
-from ember.serve.placement import experts_of_rank, serving_spec
+from ember.models.layers.moe.layouts import EXPERT_NAME, to_per_expert_layout
+from ember.serve.placement import experts_of_rank, serving_placement, serving_spec
 from ember.spec import JobSpec
 
 BLOCK = re.compile(r"^blocks\.(\d+)\.")
-
-
-def read_checkpoint_spec(path: Path, verify: bool = True) -> tuple[Path, dict[str, Any], JobSpec]:
-    """(checkpoint folder, manifest, job spec) of a run folder's newest valid checkpoint or a checkpoint folder.
-
-    verify=False: `path` is a checkpoint folder already verified (by `ember serve` before it starts the ranks),
-    so that N ranks do not each hash every file of a checkpoint they read only a share of.
-    """
-    checkpoint = find_checkpoint(Path(path)) if verify else Path(path)
-    manifest = read_manifest(checkpoint)
-    if manifest is None:
-        raise UserError(f"{checkpoint / 'manifest.json'}: missing or unreadable")
-    if not isinstance(manifest.get("spec"), dict):
-        raise UserError(f"{checkpoint / 'manifest.json'}: has no job spec; it was not written by `ember run`")
-    try:
-        spec = JobSpec.model_validate(manifest["spec"])
-    except ValueError as exc:
-        raise UserError(f"{checkpoint / 'manifest.json'}: its job spec does not validate: {exc}") from None
-    return checkpoint, manifest, spec
 
 
 def load_rank_model(path: Path, ep_size: int = 1, ep_rank: int = 0, verify: bool = True) -> tuple[GPT, JobSpec]:
@@ -52,8 +29,9 @@ def load_rank_model(path: Path, ep_size: int = 1, ep_rank: int = 0, verify: bool
     if spec.model.family != "gpt":
         raise UserError(f"{checkpoint}: a {spec.model.family} checkpoint; text generation needs a gpt")
     model_spec = serving_spec(spec, ep_size)
-    model = build_model(model_spec, ep_rank=ep_rank, seed=spec.schedule.seed)
-    held = experts_of_rank(model_spec, manifest, ep_size, ep_rank)
+    placement = serving_placement(model_spec, ep_size, ep_rank)
+    model = build_model(model_spec, placement, seed=spec.schedule.seed)
+    held = experts_of_rank(model_spec, manifest, placement) if placement is not None else {}
     model.load_state_dict(rank_state_dict(checkpoint / "engine", spec, held), strict=True)
     return model.eval(), spec
 
@@ -61,30 +39,14 @@ def load_rank_model(path: Path, ep_size: int = 1, ep_rank: int = 0, verify: bool
 def rank_state_dict(engine_dir: Path, spec: JobSpec, held: dict[int, list[int]]) -> dict[str, torch.Tensor]:
     """Dense tensors plus the held experts, renumbered to the rank's local ids (per-expert layout)."""
     if spec.engine.kind == "deepspeed" and spec.model.moe is not None:
-        dense = load_file(engine_dir / MODEL_STATES)["module"]
-        state = {name: tensor for name, tensor in dense.items() if not EXPERT_NAME.match(name)}
-        state.update(_held_expert_files(engine_dir, spec, held))
+        from ember.engines.deepspeed.layout import held_weights
+
+        state = held_weights(engine_dir, spec.model.moe_layers, held)
     else:
         state = full_state_dict(engine_dir, spec)
         for block in spec.model.moe_layers:  # stacked [E, ...] tensors -> one entry per global expert
             to_per_expert_layout(state, f"blocks.{block}.ffn.moe.", spec.model.moe_layer_spec(block).num_experts)
     return {_local_name(name, held): tensor.float() for name, tensor in state.items() if _is_held(name, held)}
-
-
-def _held_expert_files(engine_dir: Path, spec: JobSpec, held: dict[int, list[int]]) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    found = 0
-    for path in engine_dir.iterdir():
-        match = EXPERT_WEIGHTS_FILE.match(path.name)
-        if match is None:
-            continue
-        found += 1
-        block = spec.model.moe_layers[int(match.group(1))]  # DeepSpeed numbers MoE layers in module order
-        if int(match.group(2)) in held[block]:
-            state.update(load_file(path))
-    if not found:
-        raise UserError(f"{engine_dir}: no per-expert files (layer_*_expert_*); is this a MoE DeepSpeed checkpoint?")
-    return state
 
 
 def _is_held(name: str, held: dict[int, list[int]]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import random
 import time
 from pathlib import Path
@@ -13,7 +14,6 @@ import torch.distributed as dist
 
 from ember.checkpoint.fence import start_attempt
 from ember.checkpoint.manager import CheckpointManager, Retention, read_state
-from ember.checkpoint.placement import expert_placement, gather_hosts
 from ember.data.cursor import merge_states
 from ember.data.loader import build_stream
 from ember.errors import UserError
@@ -24,7 +24,7 @@ from ember.observe.tensorboard import TensorBoardLogger
 from ember.spec import JobSpec
 from ember.train.objectives.base import build_objective
 from ember.train.preemption import PreemptionWatch
-from ember.world import World, world_from_env
+from ember.world import ExpertPlacement, World, gather_hosts, world_from_env
 
 
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -49,7 +49,9 @@ class Trainer:
     def __init__(self, spec: JobSpec, world: World, run_dir: Path, reporter: Reporter) -> None:
         self.spec, self.world, self.run_dir, self.reporter = spec, world, run_dir, reporter
         seed_everything(spec.schedule.seed)
-        self.objective = build_objective(spec, world)  # the family's models, engines (one per network) and EMA
+        self.placement = world.expert_placement(spec.model, gather_hosts(world))  # built once, handed down
+        # the family's models, engines (one per network) and EMA
+        self.objective = build_objective(spec, world, self.placement)
         self.train_stream = build_stream(spec.data, spec.model, spec.schedule.micro_batch, world.rank, world.world_size)
         self.batches = iter(self.train_stream)
         self.preemption = PreemptionWatch(run_dir, world)
@@ -66,7 +68,7 @@ class Trainer:
             dist.broadcast_object_list(attempt, src=0)
         facts = {"spec_hash": spec.fingerprint(), "engine": spec.engine.kind, "spec": spec.model_dump(mode="json")}
         facts["code_version"] = code_version()
-        facts["placement"] = expert_placement(spec.model, world, gather_hosts(world))
+        facts["placement"] = placement_record(spec, self.placement)
         return CheckpointManager(
             run_dir / "checkpoints", world, Retention(spec.checkpoint.keep_last, spec.checkpoint.keep_every), facts,
             attempt=attempt[0], run_dir=run_dir, async_save=spec.checkpoint.async_save,
@@ -243,10 +245,16 @@ class Trainer:
             self.metrics["sample_grid"] = str(path)
 
 
-def code_version() -> str:
-    import ember
+def placement_record(spec: JobSpec, placement: ExpertPlacement | None) -> dict[str, Any] | None:
+    """What the manifest says of expert placement: serving and reshard read it."""
+    if placement is None:
+        return None
+    return placement.record({block: spec.model.moe_layer_spec(block).num_experts for block in spec.model.moe_layers})
 
-    return ember.__version__
+
+def code_version() -> str:
+    """The installed distribution's version (package metadata: no import of the ember package from below it)."""
+    return importlib.metadata.version("ember")
 
 
 def rng_state() -> dict[str, Any]:

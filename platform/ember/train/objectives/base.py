@@ -19,7 +19,7 @@ from ember.checkpoint.io import save_file
 from ember.engines import Engine
 from ember.observe.images import image_grid
 from ember.train.ema import EMA
-from ember.world import World
+from ember.world import ExpertPlacement, World
 
 NextBatch = Callable[[], Any]
 
@@ -118,17 +118,18 @@ class ModelParts:
                 ema.load_state_dict(state)
 
 
-def build_objective(spec, world: World) -> Objective:
-    """The family's objective, with its models built and wrapped in engines."""
+def build_objective(spec, world: World, placement: ExpertPlacement | None = None) -> Objective:
+    """The family's objective, with its models built and wrapped in engines; placement: this rank's experts
+    (None: World.expert_placement without hosts)."""
     family = spec.model.family
     if family == "diffusion":
         from ember.train.objectives.diffusion import DiffusionObjective
 
-        return DiffusionObjective(spec, world)
+        return DiffusionObjective(spec, world, placement)
     if family == "gan":
         from ember.train.objectives.gan import GANObjective
 
         return GANObjective(spec, world)
     from ember.train.objectives.lm import LanguageModelObjective
 
-    return LanguageModelObjective(spec, world)
+    return LanguageModelObjective(spec, world, placement)

@@ -13,17 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from ember.data.formats import ImageBatch
-from ember.engines import Engine, build_engine
+from ember.engines import Engine, build_engine, network_spec
+from ember.generation.gan import latents, sample_gan
 from ember.models import build_gan
 from ember.train.ema import EMA
 from ember.train.objectives.base import ModelParts, NextBatch, Sample, class_grid
 from ember.world import World
-
-
-def network_spec(spec, name: str):
-    """The job spec one network's engine is built from: its own optim/engine sections, else the job's."""
-    network = getattr(spec.model, name)
-    return spec.model_copy(update={"optim": network.optim or spec.optim, "engine": network.engine or spec.engine})
 
 
 def discriminator_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
@@ -58,7 +53,7 @@ class GANObjective:
         self.items_per_step = spec.global_batch
 
     def latents(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.randn(count, self.model_spec.generator.z_dim, generator=generator).to(self.world.device)
+        return latents(count, self.model_spec.generator.z_dim, generator, self.world.device)
 
     def labels_of(self, batch: ImageBatch) -> torch.Tensor | None:
         return batch.labels.clamp(min=0) if self.model_spec.num_classes else None
@@ -119,16 +114,10 @@ class GANObjective:
         self.d.module.train()
         return total / batches
 
-    @torch.no_grad()
     def generate(self, labels: torch.Tensor | None, count: int, seed: int, use_ema: bool = True) -> torch.Tensor:
         """`count` images in [-1, 1] from the EMA generator (or the raw one, in eval mode)."""
         generator = self.ema.module if use_ema else self.g.module
-        was_training = generator.training
-        generator.eval()
-        images = generator(self.latents(count, torch.Generator().manual_seed(seed)),
-                           None if labels is None else labels.to(self.world.device))
-        generator.train(was_training)
-        return images
+        return sample_gan(generator, labels, count, self.model_spec.generator.z_dim, seed, self.world.device)
 
     def sample(self, seed: int) -> Sample | None:
         return class_grid(self.generate, self.model_spec.num_classes, self.spec.logging.sample_rows, seed)

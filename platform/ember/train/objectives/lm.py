@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from ember.engines import build_engine
+from ember.generation.sampling import decode_bytes, sample_image_tokens, sample_tokens
 from ember.models.gpt import ModelOutput, build_model
 from ember.observe.images import image_grid
-from ember.serve.sampling import decode_bytes, sample_image_tokens, sample_tokens
 from ember.train.objectives.base import ModelParts, NextBatch, Sample
-from ember.world import World
+from ember.world import ExpertPlacement, World
 
 
 def split_batch(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,9 +34,10 @@ class LanguageModelObjective:
     throughput_name = "tokens_per_s"
     loss_unit = "nats/token"
 
-    def __init__(self, spec, world: World) -> None:
+    def __init__(self, spec, world: World, placement: ExpertPlacement | None = None) -> None:
         self.spec, self.world = spec, world
-        self.model = build_model(spec.model, ep_rank=world.ep_rank, seed=spec.schedule.seed).to(world.device)
+        placement = placement or world.expert_placement(spec.model)
+        self.model = build_model(spec.model, placement, spec.schedule.seed).to(world.device)
         self.engine = build_engine(spec, self.model, world)
         self.engines = {"model": self.engine}
         self.parts = ModelParts(self.engines, {}, world)

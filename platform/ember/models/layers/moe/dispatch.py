@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ember.models.layers.moe.router import Routing
+from ember.world import ExpertPlacement
 
 ExpertFn = Callable[[torch.Tensor, list[int]], torch.Tensor]  # (rows grouped by local expert, counts) -> outputs
 ALL_TO_ALL = "ember.moe.all_to_all"  # profiler label of every exchange (bench/moe_ep.py sums them)
@@ -45,9 +46,8 @@ class AllToAll(torch.autograd.Function):
 class TokenDispatcher:
     """Moves tokens to their experts and back; holds the expert-parallel group (None when ep_size is 1)."""
 
-    def __init__(self, num_experts: int, ep_size: int) -> None:
-        self.num_experts, self.ep_size = num_experts, ep_size
-        self.num_local = num_experts // ep_size
+    def __init__(self, placement: ExpertPlacement) -> None:
+        self.num_experts, self.ep_size, self.num_local = placement.num_experts, placement.ep_size, placement.num_local
         self.group = None
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts: ExpertFn) -> torch.Tensor:
@@ -62,7 +62,7 @@ class TokenDispatcher:
 
     def _exchange(self, grouped: torch.Tensor, counts: torch.Tensor, experts: ExpertFn) -> torch.Tensor:
         if self.group is None:
-            raise RuntimeError("expert parallelism needs its process group: call attach_expert_groups(model) first")
+            raise RuntimeError("expert parallelism needs its process group: attach_expert_groups(model, world) first")
         received = exchange_counts(counts, self.group)  # [ep_size, num_local]: what each rank sends here
         send = counts.view(self.ep_size, self.num_local).sum(1).tolist()
         recv = received.sum(1).tolist()

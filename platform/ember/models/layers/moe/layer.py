@@ -16,11 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.models.layers.mlp import MLP
-from ember.models.layers.moe import deepspeed_compat
+from ember.models.layers.moe.deepspeed_layer import build_deepspeed_moe, local_experts
 from ember.models.layers.moe.dispatch import TokenDispatcher
 from ember.models.layers.moe.experts import GroupedExperts
+from ember.models.layers.moe.layouts import from_per_expert_layout
 from ember.models.layers.moe.router import TopKRouter
 from ember.spec.model import MoESpec
+from ember.world import ExpertPlacement
 
 InitFn = Callable[[nn.Module, torch.Generator], None]
 
@@ -33,18 +35,20 @@ def is_expert_parameter(param: nn.Parameter) -> bool:
 class EmberMoE(nn.Module):
     """Top-k routed experts; forward(x [..., d]) -> (y [..., d], aux loss). `last_stats` after each forward."""
 
-    def __init__(self, d_model: int, d_ff: int, spec: MoESpec, ep_rank: int = 0, dropout: float = 0.0) -> None:
+    def __init__(
+        self, d_model: int, d_ff: int, spec: MoESpec, placement: ExpertPlacement | None = None, dropout: float = 0.0
+    ) -> None:
         nn.Module.__init__(self)  # not super(): DeepSpeed's MoE follows in DeepSpeedEmberMoE's MRO
+        self.placement = layer_placement(spec, placement)
         self.num_experts, self.ep_size = spec.num_experts, spec.ep_size
-        self.num_local_experts = spec.num_experts // spec.ep_size
-        self.first_expert = ep_rank * self.num_local_experts
+        self.num_local_experts = self.placement.num_local
         self.expert_group_name = f"ep_size_{spec.ep_size}"  # DeepSpeed's group name; ZeRO looks groups up by it
         self.router = TopKRouter(
             d_model, spec.num_experts, spec.top_k, spec.capacity_factor, spec.eval_capacity_factor,
             spec.min_capacity, spec.drop_tokens, spec.noisy_gating, spec.routing == "expert_choice",
         )
         self.experts = GroupedExperts(self.num_local_experts, d_model, d_ff, self.expert_group_name)
-        self.dispatcher = TokenDispatcher(spec.num_experts, spec.ep_size)
+        self.dispatcher = TokenDispatcher(self.placement)
         self.dropout = dropout
         # The objective weighs the aux term by aux_loss_weight; folding z in at this ratio gives it z_loss_weight.
         self.z_ratio = spec.z_loss_weight / spec.aux_loss_weight if spec.z_loss_weight else 0.0
@@ -70,34 +74,34 @@ class EmberMoE(nn.Module):
     def _run_experts(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         return F.dropout(self.experts(rows, counts), self.dropout, self.training)
 
-    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-        """Called by deepspeed.initialize (and attach_expert_groups): join DeepSpeed's expert groups."""
-        group = deepspeed_compat.expert_parallel_group(self.ep_size, use_data_before_expert_parallel_)
+    def use_expert_group(self, group) -> None:
+        """Handed by the engine or the World: the expert-parallel process group tokens are exchanged over."""
         self.dispatcher.group = group if self.ep_size > 1 else None
 
     def init_experts(self, seed: int, layer: int, init_fn: InitFn) -> None:
-        for local in range(self.num_local_experts):
+        for local, expert_id in enumerate(self.placement.local_experts):
             expert = MLP(self.experts.d_model, self.experts.d_ff)
-            init_fn(expert, torch.Generator().manual_seed(hash_seed(seed, layer, self.first_expert + local)))
+            init_fn(expert, torch.Generator().manual_seed(hash_seed(seed, layer, expert_id)))
             self.experts.load_expert(local, expert.fc, expert.proj)
 
 
 def _accept_per_expert_layout(module: EmberMoE, state, prefix, *args) -> None:
-    deepspeed_compat.from_per_expert_layout(state, prefix, module.num_local_experts)
+    from_per_expert_layout(state, prefix, module.num_local_experts)
 
 
 class MoEFFN(nn.Module):
     """The GPT's MoE feed-forward block: forward(x) -> (y, aux loss), whichever impl is inside."""
 
-    def __init__(self, d_model: int, d_ff: int, spec: MoESpec, ep_rank: int = 0, dropout: float = 0.0) -> None:
+    def __init__(
+        self, d_model: int, d_ff: int, spec: MoESpec, placement: ExpertPlacement | None = None, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.impl = spec.impl
-        self.num_local_experts = spec.num_experts // spec.ep_size
-        self.first_expert = ep_rank * self.num_local_experts
+        self.placement = layer_placement(spec, placement)
         if spec.impl == "ember":
-            self.moe = EmberMoE(d_model, d_ff, spec, ep_rank, dropout)
+            self.moe = EmberMoE(d_model, d_ff, spec, self.placement, dropout)
         else:
-            self.moe = deepspeed_compat.build_deepspeed_moe(d_model, d_ff, spec, dropout)
+            self.moe = build_deepspeed_moe(d_model, d_ff, spec, dropout)
 
     @property
     def last_stats(self) -> dict[str, torch.Tensor]:
@@ -107,8 +111,8 @@ class MoEFFN(nn.Module):
         if self.impl == "ember":
             self.moe.init_experts(seed, layer, init_fn)
             return
-        for local, expert in enumerate(self.moe.deepspeed_moe.experts.deepspeed_experts):
-            init_fn(expert, torch.Generator().manual_seed(hash_seed(seed, layer, self.first_expert + local)))
+        for expert, expert_id in zip(local_experts(self.moe), self.placement.local_experts, strict=True):
+            init_fn(expert, torch.Generator().manual_seed(hash_seed(seed, layer, expert_id)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out, aux_loss, *_ = self.moe(x)
@@ -123,5 +127,16 @@ def hash_seed(*parts: int) -> int:
     return value
 
 
-def build_moe_ffn(d_model: int, d_ff: int, spec: MoESpec, ep_rank: int, dropout: float) -> MoEFFN:
-    return MoEFFN(d_model, d_ff, spec, ep_rank, dropout)
+def layer_placement(spec: MoESpec, placement: ExpertPlacement | None) -> ExpertPlacement:
+    """The model's placement for this layer's expert count (PR-MoE); None: EP rank 0 of the spec's ep_size."""
+    if placement is None:
+        return ExpertPlacement(spec.num_experts, spec.ep_size)
+    if placement.ep_size != spec.ep_size:
+        raise ValueError(f"an ExpertPlacement over ep_size={placement.ep_size} for a layer with ep_size={spec.ep_size}")
+    return placement.for_experts(spec.num_experts)
+
+
+def build_moe_ffn(
+    d_model: int, d_ff: int, spec: MoESpec, placement: ExpertPlacement | None, dropout: float
+) -> MoEFFN:
+    return MoEFFN(d_model, d_ff, spec, placement, dropout)

@@ -15,9 +15,10 @@ from torch import nn
 
 from ember.checkpoint.io import save_file
 from ember.engines.base import ENGINES
+from ember.engines.deepspeed.moe import expose_to_deepspeed
 from ember.engines.optim import build_optimizer, build_scheduler
 from ember.errors import UserError
-from ember.models.layers.moe import expose_to_deepspeed, is_expert_parameter
+from ember.models.layers.moe import is_expert_parameter
 from ember.world import World
 
 BUCKET_ELEMENTS = 50_000_000  # 200 MB of fp32 per reduce/all-gather bucket: large messages, bounded memory
@@ -78,7 +79,7 @@ class DeepSpeedEngine:
     @property
     def reshards_on_load(self) -> bool:
         """DeepSpeed's own load refuses another world size; ember converts ZeRO 0-2 checkpoints (reshard.py)."""
-        from ember.checkpoint.reshard import reshard_problem
+        from ember.engines.deepspeed.reshard import reshard_problem
 
         return reshard_problem(self.ds) is None
 
@@ -117,7 +118,7 @@ class DeepSpeedEngine:
         self.ds.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
 
     def load(self, folder: Path) -> None:
-        from ember.checkpoint.reshard import load_resharded, saved_layout
+        from ember.engines.deepspeed.reshard import load_resharded, saved_layout
 
         saved = saved_layout(folder)
         if not saved.matches(self.world, self.ds.zero_optimization_stage()):

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ember.generation.sampling import SamplingParams, decode_bytes
 from ember.models.gpt import GPT
 from ember.models.layers.attention import KVCache, RaggedKV
-from ember.serve.sampling import SamplingParams, decode_bytes
 
 
 @dataclass(frozen=True)

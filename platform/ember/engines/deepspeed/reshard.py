@@ -35,19 +35,19 @@ from typing import Any
 import torch
 
 from ember.checkpoint.io import load_file
+from ember.engines.deepspeed.layout import (
+    EXPERT_OPTIM_FILE,
+    EXPERT_WEIGHTS_GLOB,
+    MODEL_STATES,
+    ZERO3_MODEL_STATES,
+    ZERO_FILE,
+)
 from ember.errors import UserError
 from ember.models.layers.moe import is_expert_parameter
-from ember.models.layers.moe.deepspeed_compat import DEEPSPEED_GATE, EMBER_GATE, PER_EXPERT
 from ember.models.layers.moe.experts import join_stacked, split_stacked
-from ember.world import World
+from ember.models.layers.moe.layouts import DEEPSPEED_GATE, EMBER_GATE, EXPERT_NAME, PER_EXPERT
+from ember.world import ExpertPlacement, World
 
-MODEL_STATES = "mp_rank_00_model_states.pt"
-ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
-ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")  # bf16_: bf16 ZeRO-1/2
-EXPERT_OPTIM_FILE = "expp_rank_{}_mp_rank_00_optim_states.pt"
-EXPERT_WEIGHTS_GLOB = "layer_*_expert_*_mp_rank_00_model_states.pt"
-EXPERT_WEIGHTS_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")  # MoE layer, expert
-EXPERT_NAME = re.compile(r"^(.*\.deepspeed_experts\.)(\d+)(\..+)$")
 STACKED_NAME = re.compile(r"^(.*\.)experts\.(w_in|b_in|w_out|b_out)$")  # ember's stacked experts
 EXPERTS_OF_LAYER = PER_EXPERT.split("{}")[0]  # a MoE layer's name + this: the prefix of its experts' names
 PER_EXPERT_PARAM = {"w_in": "fc.weight", "b_in": "fc.bias", "w_out": "proj.weight", "b_out": "proj.bias"}
@@ -75,10 +75,18 @@ class ExpertLayout:
         parsed = self._parse(name, ep_size)
         if parsed is None:
             return self._saved_gate_name(name)
-        prefix, local, rest, per_rank = parsed
-        if local >= per_rank:
-            raise UserError(f"{name}: local expert {local} on a rank that holds {per_rank} experts (ep_size={ep_size})")
-        return f"{prefix}{ep_rank * per_rank + local}{rest}"
+        prefix, local, rest, _ = parsed
+        held = self.placement(prefix, ep_size, ep_rank).local_experts
+        if local >= len(held):
+            raise UserError(
+                f"{name}: local expert {local} on a rank that holds {len(held)} experts (ep_size={ep_size})"
+            )
+        return f"{prefix}{held[local]}{rest}"
+
+    def placement(self, prefix: str, ep_size: int, ep_rank: int) -> ExpertPlacement:
+        """EP rank ep_rank of ep_size in the layer whose experts' names start with `prefix`."""
+        self.local_count(prefix, ep_size)  # a user error for a layer this model lacks or an uneven split
+        return ExpertPlacement(self.layers[prefix], ep_size, ep_rank)
 
     def local_count(self, prefix: str, ep_size: int) -> int:
         if prefix not in self.layers:
@@ -93,9 +101,8 @@ class ExpertLayout:
         if match is None or match.group(1) + EXPERTS_OF_LAYER not in self.layers:
             return None
         prefix = match.group(1) + EXPERTS_OF_LAYER
-        per_rank = self.local_count(prefix, ep_size)
         suffix = PER_EXPERT_PARAM[match.group(2)]
-        return match.group(2), [f"{prefix}{ep_rank * per_rank + e}.{suffix}" for e in range(per_rank)]
+        return match.group(2), [f"{prefix}{e}.{suffix}" for e in self.placement(prefix, ep_size, ep_rank).local_experts]
 
     def split(self, name: str, ep_size: int, ep_rank: int, tensors: dict[str, Any]) -> list[tuple[str, dict]]:
         """(global name, tensors) per parameter: one entry, or one per expert of a stacked tensor (scalars shared)."""
@@ -121,7 +128,7 @@ class ExpertLayout:
                 for key, value in entries[0].items()}
 
     def _saved_gate_name(self, name: str) -> str:
-        """ember's router weight is saved under DeepSpeed's gate name (deepspeed_compat.to_per_expert_layout)."""
+        """ember's router weight is saved under DeepSpeed's gate name (layouts.to_per_expert_layout)."""
         if name.endswith("." + EMBER_GATE):
             prefix = name[: -len(EMBER_GATE)]
             if prefix + EXPERTS_OF_LAYER in self.layers:
@@ -272,7 +279,9 @@ def _partition_owners(group: dict[str, Any], saved: SavedLayout) -> list[tuple[i
     """(EP rank, saving ranks in partition order) for each set of partitions that joins into whole tensors."""
     if not group.get("moe"):
         return [(0, list(range(saved.world_size)))]
-    return [(ep_rank, list(range(ep_rank, saved.world_size, saved.ep_size))) for ep_rank in range(saved.ep_size)]
+    # any expert count: which ranks replicate an EP rank depends on world and EP size only
+    placement = ExpertPlacement(saved.ep_size, saved.ep_size)
+    return [(ep_rank, list(placement.replica_ranks(ep_rank, saved.world_size))) for ep_rank in range(saved.ep_size)]
 
 
 def _join_fragments(partitions: list[dict[str, Any]], index: int) -> dict[str, dict[str, list[torch.Tensor]]]:
