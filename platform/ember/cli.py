@@ -363,13 +363,19 @@ def down(name: Annotated[str, typer.Option(help="The `ember up --name` to stop."
     console.print(f"stopped {stop(STATE_DIR, name)} processes of cluster {name!r}", markup=False)
 
 
+SharedOpt = Annotated[
+    list[str] | None,
+    typer.Option("--shared", help="A folder every cluster host mounts at this same path (cluster.shared_dirs)."),
+]
+
+
 @app.command()
-def submit(spec: SpecArg, set_: SetOpt = None, address: AddressOpt = None) -> None:
+def submit(spec: SpecArg, set_: SetOpt = None, address: AddressOpt = None, shared: SharedOpt = None) -> None:
     """Validate a job spec locally, then submit it to a Ray cluster's Jobs API; prints the job id."""
     from ember.cluster.jobs import submit as send
     from ember.cluster.local import recorded_dashboard
 
-    job_id, target = send(spec, set_ or [], address, recorded_dashboard(STATE_DIR))
+    job_id, target = send(spec, set_ or [], address, recorded_dashboard(STATE_DIR), shared or [])
     console.print(f"submitted {job_id} to {target}", markup=False)
 
 
