@@ -131,7 +131,7 @@ class Host:
 
     def outside(self, path: str) -> Path:
         """This machine's path for a file under the host's private /tmp or $HOME (to read its logs)."""
-        for inside, folder in (("/tmp", "tmp"), (HOME_IN_HOST, "home")):
+        for inside, folder in (("/tmp", "tmp"), ("/home", "home")):
             if path == inside or path.startswith(inside + "/"):
                 return self.folder / folder / os.path.relpath(path, inside)
         return Path(path)
