@@ -52,6 +52,7 @@ class RayHosts:
     gcs: str  # HEAD_IP:6379
     dashboard: str  # http://HEAD_IP:8265
     token: str
+    workers: list[Host]  # the hosts joined to the head
 
     def ember(self, host: Host, *args: str, env: dict[str, str] | None = None,
               timeout: float = 300) -> subprocess.CompletedProcess:
@@ -64,6 +65,7 @@ class RayHosts:
         copy.write_text(self.token)
         joined = self.ember(host, "up", "--join", self.gcs, "--num-cpus", "1", "--token-file", "/tmp/auth_token")
         assert joined.returncode == 0, joined.stdout + joined.stderr
+        self.workers.append(host)
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +76,7 @@ def ray_hosts(host_cluster: HostCluster) -> Iterator[RayHosts]:
                        timeout=300)
     assert started.returncode == 0, started.stdout + started.stderr
     token = head.outside(f"{head.home}/.ray/auth_token").read_text().strip()
-    cluster = RayHosts(host_cluster, started.stdout, f"{head.ip}:6379", f"http://{head.ip}:8265", token)
+    cluster = RayHosts(host_cluster, started.stdout, f"{head.ip}:6379", f"http://{head.ip}:8265", token, [])
     cluster.join(host_cluster.hosts["host2"])
     yield cluster  # the hosts' teardown kills every process of every host
 

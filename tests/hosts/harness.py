@@ -157,6 +157,7 @@ class HostCluster:
         self.root = STATE_ROOT / f"net{net}"
         self.bridge = f"ember{net}br"
         self.hosts: dict[str, Host] = {}
+        self.last_index = 1  # .1 is the bridge
 
     @property
     def shared_dir(self) -> Path:
@@ -188,9 +189,9 @@ class HostCluster:
         return cluster
 
     def add_host(self, name: str, shared: bool = True) -> Host:
-        """A new host with the next free address; `shared=False` makes a laptop without the shared folder."""
-        taken = {int(host.ip.rsplit(".", 1)[1]) for host in self.hosts.values()}
-        index = next(i for i in range(2, 255) if i not in taken)
+        """A new host with the next address; `shared=False` makes a laptop without the shared folder."""
+        # a fresh address even where a removed host's is free: a host that replaces a dead one is another machine
+        self.last_index = index = self.last_index + 1
         host = Host(name=name, ip=f"{SUBNET_PREFIX}.{self.net}.{index}", netns=f"ember{self.net}-{name}",
                     folder=self.root / "hosts" / name, shared=shared)
         self.hosts[name] = host
@@ -263,13 +264,14 @@ class HostCluster:
     def save(self) -> None:
         hosts = [{"name": h.name, "ip": h.ip, "netns": h.netns, "shared": h.shared, "holder_pid": h.holder_pid}
                  for h in self.hosts.values()]
-        state = {"net": self.net, "owner_pid": self.owner_pid, "hosts": hosts}
+        state = {"net": self.net, "owner_pid": self.owner_pid, "last_index": self.last_index, "hosts": hosts}
         (self.root / "state.json").write_text(json.dumps(state, indent=1))
 
     @classmethod
     def load(cls, root: Path) -> HostCluster:
         state = json.loads((root / "state.json").read_text())
         cluster = cls(state["net"], state["owner_pid"])
+        cluster.last_index = state.get("last_index", 1)
         for entry in state["hosts"]:
             cluster.hosts[entry["name"]] = Host(folder=cluster.root / "hosts" / entry["name"], **entry)
         return cluster
