@@ -318,12 +318,9 @@ def serve_(
 
 
 def _read_token(path: Path) -> str:
-    if not path.is_file():
-        raise UserError(f"--token-file {path}: no such file")
-    token = path.read_text().strip()
-    if not token or any(c.isspace() for c in token):
-        raise UserError(f"--token-file {path}: must hold one token (no spaces)")
-    return token
+    from ember.cluster.local import read_token_file
+
+    return read_token_file(path)
 
 
 EMBER_HOME = Path(os.environ.get("EMBER_HOME", Path.home() / ".ember"))
@@ -337,14 +334,25 @@ def up(
     gcs_port: Annotated[int, typer.Option(help="GCS port (what workers join).")] = 6379,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs this node offers (default: all).")] = None,
     join: Annotated[str | None, typer.Option(help="Join the head at HOST:GCS_PORT as a worker node.")] = None,
+    token_file: Annotated[
+        Path | None, typer.Option(help="With --join: a copy of the head's ~/.ray/auth_token.")
+    ] = None,
+    ip: Annotated[str | None, typer.Option(help="This node's address (head default 127.0.0.1; a worker's: the "
+                                                 "one that reaches the head).")] = None,
     name: Annotated[str, typer.Option(help="Name of this ember-started cluster node.")] = "local",
 ) -> None:
-    """Start a local Ray head on 127.0.0.1 (or a worker with --join), token auth on."""
+    """Start a Ray head (or a worker with --join), token auth on; the head prints how another host joins."""
+    from ember.cluster.local import UpOptions, join_instructions
     from ember.cluster.local import up as start
 
-    cluster = start(STATE_DIR, name, port, gcs_port, num_cpus, join)
+    if token_file is not None and join is None:
+        raise UserError("--token-file: only a worker joining a head (--join HOST:PORT) takes the head's token")
+    cluster = start(STATE_DIR, UpOptions(name, port, gcs_port, num_cpus, join, ip, token_file))
     where = f"dashboard / jobs: {cluster.dashboard}" if cluster.dashboard else f"joined {cluster.address}"
-    console.print(f"{cluster.role} up: {where}; GCS {cluster.address}; token: {cluster.token_path}", markup=False)
+    console.print(f"{cluster.role} up: {where}; GCS {cluster.address}; token: {cluster.token_path}", markup=False,
+                  soft_wrap=True)
+    if cluster.role == "head":
+        console.print(join_instructions(cluster), markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -355,13 +363,19 @@ def down(name: Annotated[str, typer.Option(help="The `ember up --name` to stop."
     console.print(f"stopped {stop(STATE_DIR, name)} processes of cluster {name!r}", markup=False)
 
 
+SharedOpt = Annotated[
+    list[str] | None,
+    typer.Option("--shared", help="A folder every cluster host mounts at this same path (cluster.shared_dirs)."),
+]
+
+
 @app.command()
-def submit(spec: SpecArg, set_: SetOpt = None, address: AddressOpt = None) -> None:
+def submit(spec: SpecArg, set_: SetOpt = None, address: AddressOpt = None, shared: SharedOpt = None) -> None:
     """Validate a job spec locally, then submit it to a Ray cluster's Jobs API; prints the job id."""
     from ember.cluster.jobs import submit as send
     from ember.cluster.local import recorded_dashboard
 
-    job_id, target = send(spec, set_ or [], address, recorded_dashboard(STATE_DIR))
+    job_id, target = send(spec, set_ or [], address, recorded_dashboard(STATE_DIR), shared or [])
     console.print(f"submitted {job_id} to {target}", markup=False)
 
 

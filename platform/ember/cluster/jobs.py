@@ -2,20 +2,25 @@
 
 The spec is validated here first (nothing is sent for a bad one), then shipped in the job's
 working_dir as its resolved YAML; the entrypoint is `ember run` against the cluster it runs on.
+Only that YAML travels: submitting to a cluster on another host, every path the spec names (run_dir,
+shards, data.build.out) must be a URL or lie under cluster.shared_dirs, or the submit is refused.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlparse
 
 import yaml
 
 from ember.errors import UserError
 from ember.spec import JobSpec
+from ember.spec.paths import is_under, is_url
 
 SPEC_NAME = "ember-job.yaml"
 
@@ -52,11 +57,14 @@ def connect(address: str):
         raise UserError(f"cannot reach the Ray dashboard at {address}: {err}") from None
 
 
-def submit(spec_path: Path, overrides: list[str], address: str | None, recorded: str | None) -> tuple[str, str]:
-    spec = JobSpec.load(spec_path, overrides)  # exit 2 here, before anything is sent
-    if spec.run_dir is None:  # the job's own working folder is temporary: outputs go where `ember run` would
-        spec = spec.model_copy(update={"run_dir": str(spec.output_dir)})
+def submit(spec_path: Path, overrides: list[str], address: str | None, recorded: str | None,
+           shared: list[str] | None = None) -> tuple[str, str]:
+    spec = with_shared_dirs(JobSpec.load(spec_path, overrides), shared or [])
     target = resolve_address(address, spec.cluster.address, recorded)
+    if on_this_machine(target):  # the cluster sees this machine's files: outputs go where `ember run` would
+        spec = spec.model_copy(update={"run_dir": str(spec.output_dir)})
+    else:
+        refuse_what_the_cluster_cannot_see(spec)  # exit 2 here, before anything is sent
     client = connect(target)
     with tempfile.TemporaryDirectory(prefix="ember-submit-") as folder:
         Path(folder, SPEC_NAME).write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
@@ -68,6 +76,62 @@ def submit(spec_path: Path, overrides: list[str], address: str | None, recorded:
             metadata={"ember_job": spec.name},
         )
     return job_id, target
+
+
+def with_shared_dirs(spec: JobSpec, shared: list[str]) -> JobSpec:
+    """--shared DIR adds to the spec's cluster.shared_dirs (as an absolute path of this machine)."""
+    folders = [*spec.cluster.shared_dirs, *(str(Path(folder).absolute()) for folder in shared)]
+    return spec.model_copy(update={"cluster": spec.cluster.model_copy(update={"shared_dirs": folders})})
+
+
+def on_this_machine(address: str) -> bool:
+    """A head at a loopback address runs here, so its nodes see this machine's files."""
+    host = urlparse(address).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def refuse_what_the_cluster_cannot_see(spec: JobSpec) -> None:
+    """Submitting from outside the cluster, only the resolved spec travels with the job: every path it names
+    must be a URL or lie under cluster.shared_dirs (folders every cluster host mounts at the same path)."""
+    problems = unreachable_fields(spec)
+    if problems:
+        shared = spec.cluster.shared_dirs or "none declared"
+        raise UserError(
+            f"the cluster cannot see these paths of this machine (cluster.shared_dirs: {shared}):\n  "
+            + "\n  ".join(problems)
+            + "\nPut them on storage every cluster host mounts at the same path and declare it (cluster.shared_dirs "
+            "in the spec, or --shared DIR), or serve shards over http(s)://"
+        )
+
+
+def unreachable_fields(spec: JobSpec) -> list[str]:
+    shared = spec.cluster.shared_dirs
+    problems = []
+    if spec.run_dir is None:
+        problems.append(f"run_dir: not set, so it would be runs/{spec.name} under this machine's working folder; "
+                        f"set it under a shared folder, e.g. --set run_dir=SHARED/runs/{spec.name}")
+    elif not is_under(spec.run_dir, shared):
+        problems.append(f"run_dir: {spec.run_dir} is not under a shared folder")
+    for field, urls in shard_fields(spec):
+        local = [url for url in urls if not is_url(url) and not is_under(url, shared)]
+        if local:
+            problems.append(f"{field}: {local[0]} is on this machine only")
+    if spec.data.build is not None and not is_under(spec.data.build.out, shared):
+        problems.append(f"data.build.out: {spec.data.build.out} is on this machine only (the job would build the "
+                        "shards on the head host alone); build them into a shared folder, or set data.build=null")
+    return problems
+
+
+def shard_fields(spec: JobSpec) -> list[tuple[str, list[str]]]:
+    data = spec.data
+    named = [("data.train.urls", data.train), ("data.val.urls", data.val)]
+    named += [(f"data.sources[{i}].urls", source) for i, source in enumerate(data.sources or [])]
+    return [(field, [s.urls] if isinstance(s.urls, str) else s.urls) for field, s in named if s is not None]
 
 
 def submit_with_retry(client, timeout_s: float = 300.0, **job) -> str:

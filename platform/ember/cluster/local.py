@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
+import socket
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,14 +37,18 @@ class LocalCluster:
 
 
 def token_path() -> Path:
-    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    return Path.home() / ".ray" / "auth_token"  # where Ray looks (cli.py passes RAY_AUTH_TOKEN_PATH on as env)
 
 
-def ensure_token(env: dict[str, str]) -> Path:
-    path = token_path()
-    if not path.is_file() and "RAY_AUTH_TOKEN" not in env:
-        run_ray(["get-auth-token", "--generate"], env)
-    return path
+@dataclass
+class UpOptions:
+    name: str = "local"
+    port: int = 8265  # dashboard / Jobs API
+    gcs_port: int = 6379
+    num_cpus: int | None = None
+    join: str | None = None  # HEAD_IP:GCS_PORT: start a worker node
+    ip: str | None = None  # this node's address; head: 127.0.0.1, worker: the one that reaches the head
+    token_file: Path | None = None  # a worker's copy of the head's token
 
 
 def ray_env() -> dict[str, str]:
@@ -59,27 +65,110 @@ def run_ray(args: list[str], env: dict[str, str]) -> str:
     return done.stdout
 
 
-def up(state_dir: Path, name: str, port: int, gcs_port: int, num_cpus: int | None, join: str | None) -> LocalCluster:
-    existing = state_dir / f"{name}.json"
+def up(state_dir: Path, options: UpOptions) -> LocalCluster:
+    existing = state_dir / f"{options.name}.json"
     if existing.is_file():
-        raise UserError(f"cluster {name!r} is already up ({existing}); `ember down --name {name}` first")
+        raise UserError(f"cluster {options.name!r} is already up ({existing}); "
+                        f"`ember down --name {options.name}` first")
     env = ray_env()
-    token = ensure_token(env)
-    temp_dir = Path("/tmp") / f"ember-ray-{name}"  # short: Ray's socket paths must fit in 107 bytes
-    args = ["start", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-    if num_cpus is not None:
-        args.append(f"--num-cpus={num_cpus}")
-    if join:
-        args.append(f"--address={join}")
-        cluster = LocalCluster(name, "worker", join, None, str(temp_dir), str(token))
-    else:
-        args += ["--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={port}",
-                 "--include-dashboard=true"]
-        dashboard = f"http://127.0.0.1:{port}"
-        cluster = LocalCluster(name, "head", f"127.0.0.1:{gcs_port}", dashboard, str(temp_dir), str(token))
-    run_ray(args, env)
+    installs_token = options.token_file is not None and not token_path().is_file()
+    # short (Ray's socket paths must fit in 107 bytes) and unique, so `ember down` finds only this node's processes
+    temp_dir = Path("/tmp") / f"ember-ray-{options.name}-{secrets.token_hex(3)}"
+    token = join_token(options, env) if options.join else head_token(env)
+    cluster, args = join_args(options, temp_dir, token) if options.join else head_args(options, temp_dir, token)
+    try:
+        run_ray(["start", f"--temp-dir={temp_dir}", "--disable-usage-stats", *args], env)
+    except UserError as failed:
+        if installs_token:  # a refused token is not left behind as this host's token
+            token.unlink(missing_ok=True)
+        raise refusal(options, failed) from None
     cluster.save(state_dir)
     return cluster
+
+
+def head_token(env: dict[str, str]) -> Path:
+    path = token_path()
+    if not path.is_file() and "RAY_AUTH_TOKEN" not in env:
+        run_ray(["get-auth-token", "--generate"], env)
+    return path
+
+
+def join_token(options: UpOptions, env: dict[str, str]) -> Path:
+    """The head's token, on this host: from --token-file (installed as ~/.ray/auth_token), RAY_AUTH_TOKEN or
+    a ~/.ray/auth_token already here. A worker never makes up a token of its own: the head would refuse it."""
+    path = token_path()
+    if options.token_file is not None:
+        install_token(read_token_file(options.token_file), path)
+    elif "RAY_AUTH_TOKEN" not in env and not path.is_file():
+        raise UserError(
+            f"--join {options.join}: this host has no token for that cluster; copy the head's ~/.ray/auth_token "
+            "here and pass --token-file FILE (or set RAY_AUTH_TOKEN)"
+        )
+    return path
+
+
+def read_token_file(path: Path) -> str:
+    if not path.is_file():
+        raise UserError(f"--token-file {path}: no such file")
+    token = path.read_text().strip()
+    if not token or any(c.isspace() for c in token):
+        raise UserError(f"--token-file {path}: must hold one token (no spaces)")
+    return token
+
+
+def install_token(token: str, path: Path) -> None:
+    """Ray's processes on this host read ~/.ray/auth_token; a different token already there is not overwritten."""
+    if path.is_file():
+        if path.read_text().strip() != token:
+            raise UserError(f"--token-file: {path} already holds a different token; remove it if it is stale")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(token + "\n")
+
+
+def head_args(options: UpOptions, temp_dir: Path, token: Path) -> tuple[LocalCluster, list[str]]:
+    ip = options.ip or "127.0.0.1"
+    args = ["--head", f"--node-ip-address={ip}", f"--port={options.gcs_port}", f"--dashboard-host={ip}",
+            f"--dashboard-port={options.port}", "--include-dashboard=true", *cpu_args(options)]
+    cluster = LocalCluster(options.name, "head", f"{ip}:{options.gcs_port}", f"http://{ip}:{options.port}",
+                           str(temp_dir), str(token))
+    return cluster, args
+
+
+def join_args(options: UpOptions, temp_dir: Path, token: Path) -> tuple[LocalCluster, list[str]]:
+    ip = options.ip or address_towards(options.join)
+    args = [f"--address={options.join}", f"--node-ip-address={ip}", *cpu_args(options)]
+    return LocalCluster(options.name, "worker", options.join, None, str(temp_dir), str(token)), args
+
+
+def cpu_args(options: UpOptions) -> list[str]:
+    return [f"--num-cpus={options.num_cpus}"] if options.num_cpus is not None else []
+
+
+def address_towards(head: str) -> str:
+    """This host's own address on the route to the head (no packet is sent: UDP connect only picks the route)."""
+    host = head.rsplit(":", 1)[0]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((host, 9))
+        except OSError as err:
+            raise UserError(f"--join {head}: no route to {host} ({err})") from None
+        return probe.getsockname()[0]
+
+
+def refusal(options: UpOptions, failed: UserError) -> UserError:
+    """A head that rejects this host's token says so deep in `ray start`'s output: one line instead."""
+    if options.join and any(word in str(failed) for word in ("UNAUTHENTICATED", "Authentication", "auth token")):
+        return UserError(f"--join {options.join}: the head refused this host's token; use a copy of the head's "
+                         "~/.ray/auth_token (--token-file FILE)")
+    return failed
+
+
+def join_instructions(cluster: LocalCluster) -> str:
+    """What `ember up` prints on the head: how another host joins it."""
+    return (f"to add a host: copy {cluster.token_path} to it (e.g. scp), then run there:\n"
+            f"  ember up --join {cluster.address} --token-file auth_token")
 
 
 def down(state_dir: Path, name: str) -> int:

@@ -20,6 +20,19 @@ class ClusterSpec(Section):
         default_factory=dict, description="Extra Ray resources per worker, e.g. {accelerator_type:H100: 0.01}."
     )
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train may make (-1 = unlimited).")
+    shared_dirs: list[str] = Field(
+        default_factory=list,
+        description="Absolute folders every cluster host mounts at the same path (NFS, Lustre). Submitting from "
+        "outside the cluster, run_dir, local shard paths and data.build.out must lie under one of them.",
+    )
+
+    @field_validator("shared_dirs")
+    @classmethod
+    def _absolute(cls, value: list[str]) -> list[str]:
+        relative = [folder for folder in value if not folder.startswith("/")]
+        if relative:
+            raise ValueError(f"must be absolute paths (the same on every host), got {relative}")
+        return value
 
     @field_validator("address")
     @classmethod

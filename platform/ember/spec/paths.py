@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://|^pipe:")
+
+
+def is_url(value: str) -> bool:
+    """http(s)://, s3://, pipe:... anything but a plain path or file://."""
+    return bool(_URL.match(value)) and not value.startswith("file://")
+
+
+def is_under(path: str, folders: list[str]) -> bool:
+    """Whether `path` (a plain path or file:// URL, maybe a brace pattern) lies in one of `folders`."""
+    plain = Path(os.path.normpath(path.removeprefix("file://")))
+    return any(plain.is_relative_to(os.path.normpath(folder)) for folder in folders)
 
 
 def resolve_path(value: str, base: Path) -> str:

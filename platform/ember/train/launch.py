@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -19,10 +20,11 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-from ember.data.build import ensure_shards
+from ember.data.build import ensure_shards, missing_local_shards
 from ember.errors import InternalError, UserError, find_user_error
 from ember.observe.progress import ProgressView
 from ember.spec import JobSpec
+from ember.spec.paths import is_under
 from ember.train.loop import train_worker
 from ember.train.preemption import SIGNALS, request_preemption
 
@@ -39,6 +41,8 @@ def run_job(spec: JobSpec, verbose: bool = False, console: Console | None = None
         ensure_shards(spec.data)  # a remote cluster checks its own paths; locally, fail before Ray starts
     run_dir = prepare_run_dir(spec)
     with ray_session(spec, verbose):
+        if spec.cluster.address != "local":
+            check_cluster_storage(spec, run_dir)
         from ray.util.queue import Queue
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -61,6 +65,67 @@ def prepare_run_dir(spec: JobSpec) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     return run_dir
+
+
+def check_cluster_storage(spec: JobSpec, run_dir: Path) -> None:
+    """On a cluster of several hosts, run_dir must be one storage for all (probed: seconds, not a checkpoint
+    commit waiting for files that never appear), and missing shards are built only where every host sees them."""
+    one_host = len(set(node_ips().values())) == 1
+    if not one_host:
+        probe_shared_folder(run_dir)
+    build = spec.data.build
+    if build is not None and not one_host and not is_under(build.out, spec.cluster.shared_dirs) \
+            and missing_local_shards(spec.data):
+        raise UserError(
+            f"data.build.out: {build.out}: shards are missing and would be built on the head host only; build them "
+            "into a folder every host mounts (listed in cluster.shared_dirs), or serve them over http(s)://"
+        )
+    ensure_shards(spec.data)
+
+
+def node_ips() -> dict[str, str]:
+    """Alive Ray nodes: node id -> IP."""
+    import ray
+
+    return {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]}
+
+
+def probe_shared_folder(folder: Path) -> None:
+    """Every node writes a file into `folder`, then every node lists them: each must see all."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    import ray
+
+    nodes = node_ips()
+    probe = str(folder / ".storage-probe" / os.urandom(4).hex())
+    write, read = ray.remote(num_cpus=0)(write_probe), ray.remote(num_cpus=0)(read_probes)
+    on = {node: {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)} for node in nodes}
+    wrote = ray.get([write.options(**on[node]).remote(probe, node) for node in nodes], timeout=120)
+    seen = ray.get([read.options(**on[node]).remote(probe) for node in nodes], timeout=120)
+    problems = [f"{nodes[node]}: {error}" for node, error in zip(nodes, wrote, strict=True) if error]
+    for node, files in zip(nodes, seen, strict=True):
+        unseen = [nodes[other] for other in nodes if other not in files]
+        if unseen:
+            problems.append(f"{nodes[node]} does not see the files written by {', '.join(unseen)}")
+    if problems:
+        raise UserError(
+            f"run_dir {folder} is not the same storage on every host ({'; '.join(problems)}); put run_dir on a "
+            "folder every host mounts at the same path (NFS, Lustre) and list it in cluster.shared_dirs"
+        )
+    shutil.rmtree(probe, ignore_errors=True)
+
+
+def write_probe(probe: str, node: str) -> str | None:
+    try:
+        Path(probe).mkdir(parents=True, exist_ok=True)
+        Path(probe, node).write_text(node)
+    except OSError as err:
+        return f"cannot write there ({err})"
+    return None
+
+
+def read_probes(probe: str) -> list[str]:
+    return sorted(path.name for path in Path(probe).iterdir()) if Path(probe).is_dir() else []
 
 
 @contextlib.contextmanager
