@@ -203,6 +203,16 @@ def test_dockerfile_torch_matches_the_base_images_cuda_and_deps_come_from_the_co
     assert re.search(r"^COPY .*constraints\.txt", text, re.M)
 
 
+def test_constraints_pin_the_ray_of_the_image() -> None:
+    """The image's Ray (its base) is the Ray CI tests with: pip would otherwise replace it from constraints.txt."""
+    constraints = REPO / "constraints.txt"
+    if not constraints.exists():
+        pytest.skip("no constraints.txt in this checkout")
+    pinned = re.search(r"^ray(\[[^\]]*\])?==([\d.]+)", constraints.read_text(), re.M)
+    base_image_ray = re.search(r"^FROM rayproject/ray:([\d.]+)-", dockerfile(), re.M).group(1)
+    assert pinned and pinned.group(2) == base_image_ray
+
+
 @pytest.mark.parametrize(
     "script", ["launchers/slurm/ember.sbatch", "launchers/ray-submit.sh", "cluster/local/dev-cluster.sh"]
 )
