@@ -1,5 +1,5 @@
-"""launchers/slurm/ember.sbatch on a real two-host Slurm (tests/hosts/slurm.py: slurmctld on host1, slurmd on
-host1 and host2, proctrack/cgroup): `sbatch --nodes=2` trains an EP=2 MoE with one rank per host and Ray on both;
+"""launchers/slurm/ember.sbatch on a real two-host Slurm (tests/hosts/slurm.py: slurmctld on slurm1, slurmd on
+slurm1 and slurm2, proctrack/cgroup): `sbatch --nodes=2` trains an EP=2 MoE with one rank per host and Ray on both;
 Slurm's USR1 (sent once the first steps are logged) becomes a checkpoint and exit 75, the script requeues its own
 job, the requeued job resumes from that checkpoint and completes, and no Ray or ember process is left on a host."""
 
@@ -30,12 +30,16 @@ def slurm(host_cluster: HostCluster) -> Iterator[SlurmOnHosts]:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"CI must run the two-host Slurm: {reason}")
         pytest.skip(str(reason))
-    slurm = SlurmOnHosts(host_cluster.root / "slurm", [host_cluster.hosts["host1"], host_cluster.hosts["host2"]])
+    # hosts of its own on the session's bridge: other tests of the tier kill and restart host1/host2
+    names = ["slurm1", "slurm2"]
+    slurm = SlurmOnHosts(host_cluster.root / "slurm", [host_cluster.add_host(name) for name in names])
     try:
         slurm.start()
         yield slurm
     finally:
         slurm.stop()
+        for name in names:
+            host_cluster.remove_host(name)
 
 
 def events(run_dir: Path) -> list[dict]:
@@ -89,5 +93,5 @@ def test_two_host_sbatch_trains_ep2_is_preempted_requeues_itself_resumes_and_lea
     assert resumed["step"] == stopped["step"] < STEPS
     assert max(e["step"] for e in run if e["kind"] == "step") == STEPS
     manifest = json.loads(sorted((run_dir / "checkpoints").glob("step_*/manifest.json"))[-1].read_text())
-    assert sorted(rank["host"] for rank in manifest["placement"]["ranks"]) == ["host1", "host2"]  # a rank per host
+    assert sorted(rank["host"] for rank in manifest["placement"]["ranks"]) == ["slurm1", "slurm2"]  # a rank per host
     wait_for(lambda: not ember_processes(slurm), 60, "Ray and ember to be gone from both hosts")
