@@ -1,0 +1,97 @@
+"""launchers/slurm/ember.sbatch on a real two-host Slurm (tests/hosts/slurm.py: slurmctld on slurm1, slurmd on
+slurm1 and slurm2, proctrack/cgroup): `sbatch --nodes=2` trains an EP=2 MoE with one rank per host and Ray on both;
+Slurm's USR1 (sent once the first steps are logged) becomes a checkpoint and exit 75, the script requeues its own
+job, the requeued job resumes from that checkpoint and completes, and no Ray or ember process is left on a host."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import shard_overrides
+from tests.hosts.harness import HostCluster
+from tests.hosts.slurm import SlurmOnHosts, SlurmUnavailable, check_slurm_installed, wait_for
+
+pytestmark = pytest.mark.hosts
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 300  # ~50 ms each here: the job is still training when the USR1 lands (~15 steps after it is sent)
+
+
+@pytest.fixture(scope="module")
+def slurm(host_cluster: HostCluster) -> Iterator[SlurmOnHosts]:
+    try:
+        check_slurm_installed()
+    except SlurmUnavailable as reason:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI must run the two-host Slurm: {reason}")
+        pytest.skip(str(reason))
+    # hosts of its own on the session's bridge: other tests of the tier kill and restart host1/host2
+    names = ["slurm1", "slurm2"]
+    slurm = SlurmOnHosts(host_cluster.root / "slurm", [host_cluster.add_host(name) for name in names])
+    try:
+        slurm.start()
+        yield slurm
+    finally:
+        slurm.stop()
+        for name in names:
+            host_cluster.remove_host(name)
+
+
+def events(run_dir: Path) -> list[dict]:
+    path = run_dir / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def ember_processes(slurm: SlurmOnHosts) -> list[str]:
+    """Command lines of anything Ray or ember still running on either host (the daemons excepted)."""
+    left = []
+    for host in slurm.hosts:
+        for pid in host.pids():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except FileNotFoundError:
+                continue
+            if "ray" in cmdline or "ember" in cmdline:
+                left.append(f"{host.name}: {cmdline}")
+    return left
+
+
+def test_two_host_sbatch_trains_ep2_is_preempted_requeues_itself_resumes_and_leaves_nothing(
+    host_cluster: HostCluster, slurm: SlurmOnHosts, text_shards: Path
+) -> None:
+    shards = host_cluster.shared_dir / "slurm-shards"  # on the shared folder: each host's /tmp is its own
+    shutil.copytree(text_shards, shards)
+    run_dir, log = host_cluster.shared_dir / "slurm-run", host_cluster.shared_dir / "slurm-job.log"
+    sets = [f"run_dir={run_dir}", *shard_overrides(shards), f"schedule.steps={STEPS}", "schedule.eval_every=10000",
+            "logging.sample_tokens=0", "checkpoint.every_n_steps=10000"]
+    submitted = slurm.controller.run(
+        ["sbatch", "--parsable", "--nodes=2", f"--output={log}", str(REPO / "launchers/slurm/ember.sbatch"),
+         str(REPO / "jobs/debug/tiny-moe.yaml"), *[p for s in sets for p in ("--set", s)]],
+        env={**slurm.env, "EMBER_MAX_REQUEUES": "1"}, cwd=str(REPO), check=True)
+    job = submitted.stdout.strip()
+
+    def job_log() -> str:
+        return log.read_text()[-6000:] if log.exists() else "(no job log yet)"
+
+    wait_for(lambda: any(e["kind"] == "step" for e in events(run_dir)), 300, f"training steps; log: {job_log()}")
+    slurm.controller.run(["scancel", "--signal=USR1", "--batch", job], env=slurm.env, check=True)
+    wait_for(lambda: slurm.job_field(job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 400,
+             "the requeued job to finish")
+    assert slurm.job_field(job, "JobState") == "COMPLETED", job_log()
+    assert slurm.job_field(job, "Restarts") == "1", job_log()
+    assert "checkpointed and stopped (exit 75): requeue 1 of 1" in log.read_text()
+
+    run = events(run_dir)
+    stopped = next(e for e in run if e["kind"] == "preempted")
+    assert any(e["kind"] == "checkpoint" and e["step"] == stopped["step"] for e in run)
+    resumed = next(e for e in run if e["kind"] == "resume")
+    assert resumed["step"] == stopped["step"] < STEPS
+    assert max(e["step"] for e in run if e["kind"] == "step") == STEPS
+    manifest = json.loads(sorted((run_dir / "checkpoints").glob("step_*/manifest.json"))[-1].read_text())
+    assert sorted(rank["host"] for rank in manifest["placement"]["ranks"]) == ["slurm1", "slurm2"]  # a rank per host
+    wait_for(lambda: not ember_processes(slurm), 60, "Ray and ember to be gone from both hosts")
