@@ -45,6 +45,7 @@ def _load(spec: Path, overrides: list[str] | None):
 def validate(spec: SpecArg, set_: SetOpt = None) -> None:
     """Check a job spec; exit 2 with the field at fault if it is invalid."""
     job = _load(spec, set_)
+    job.check_local_inputs()
     console.print(f"{spec}: valid ({job.model.family}, engine {job.engine.kind}, {job.cluster.num_workers} workers)")
 
 

@@ -36,6 +36,12 @@ def test_validate_ok(capsys) -> None:
             "/nonexistent/x-0.tar",
         ),
         (["validate", QUICKSTART, "--frobnicate"], "No such option"),
+        (["validate", QUICKSTART, "--set", "checkpoint.resume=atuo"], "checkpoint.resume: 'atuo'"),
+        (["validate", QUICKSTART, "--set", "engine.kind=dpp"], "engine.kind: 'dpp' is not one of"),
+        (
+            ["validate", QUICKSTART, "--set", "data.train.urls=/nonexistent/x-{0..1}.tar", "--set", "data.build=null"],
+            "data.train.urls: 2 shard file(s) not found: /nonexistent/x-0.tar",
+        ),
         (["data", "build", "video", "--out", "/tmp/x"], "unknown kind"),
         (["data", "build", "images", "--source", "nope", "--out", "/tmp/x"], "--source nope"),
         (["ckpt", "export", "/nonexistent/run", "--out", "/tmp/x.safetensors"], "/nonexistent/run"),

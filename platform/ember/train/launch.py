@@ -37,6 +37,7 @@ def run_job(spec: JobSpec, verbose: bool = False, console: Console | None = None
     console = console or Console()
     if spec.cluster.address == "local":
         ensure_shards(spec.data)  # a remote cluster checks its own paths; locally, fail before Ray starts
+        spec.check_local_inputs()
     run_dir = prepare_run_dir(spec)
     with ray_session(spec, verbose):
         from ray.util.queue import Queue

@@ -220,9 +220,9 @@ class Trainer:
             for folder, problems in self.checkpoints.skipped:
                 self.reporter.emit("skipped_checkpoint", path=str(folder), problem=problems[0])
             return found
-        path = Path(mode)
+        path = self.spec.checkpoint.resume_folder(self.checkpoints.root)
         if not (path / "manifest.json").is_file():
-            raise UserError(f"checkpoint.resume: {path} is not a committed checkpoint folder (no manifest.json)")
+            raise UserError(f"checkpoint.resume={mode}: {path} is not a committed checkpoint folder (no manifest.json)")
         return path
 
     def log_sample(self) -> None:
