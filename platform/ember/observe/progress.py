@@ -96,6 +96,9 @@ class ProgressView:
     def __exit__(self, *exc: object) -> None:
         self._progress.stop()
 
+    def note(self, line: str) -> None:
+        self._progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
     def handle(self, event: dict[str, Any]) -> None:
         kind = event["kind"]
         if kind == "start":
