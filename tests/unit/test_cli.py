@@ -72,3 +72,24 @@ def test_show_prints_resolved_spec_and_deepspeed_config(capsys) -> None:
     assert config["zero_optimization"]["stage"] == 2
     assert config["gradient_accumulation_steps"] == 2
     assert config["train_batch_size"] == 64
+
+
+def test_version_comes_from_the_package_metadata(capsys) -> None:
+    from importlib.metadata import version
+
+    code, out, _ = run_cli(["--version"], capsys)
+    assert code == 0
+    assert out.strip() == f"ember {version('ember')}"
+
+
+def test_help_keeps_bracketed_text(capsys) -> None:
+    code, out, _ = run_cli(["data", "build", "--help"], capsys)
+    assert code == 0
+    assert "[text 0.05, images 0.165]" in " ".join(out.split())
+
+
+def test_help_shows_set_as_repeatable(capsys) -> None:
+    code, out, _ = run_cli(["validate", "--help"], capsys)
+    assert code == 0
+    assert "--set FIELD=VALUE" in out
+    assert "repeatable" in out
