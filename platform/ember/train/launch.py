@@ -127,7 +127,8 @@ def build_trainer(spec: JobSpec, run_dir: Path, queue: Any):
         resources["GPU"] = 1
     return TorchTrainer(
         train_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir), "queue": queue},
+        train_loop_config={"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir), "queue": queue,
+                           "report_to_ray": True},
         scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name="ray-train",
