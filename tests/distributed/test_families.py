@@ -167,7 +167,14 @@ def test_ember_eval_reports_mean_and_spread_over_seeds(runs, tmp_path: Path) -> 
     report = json.loads(out.read_text())
     rows = {(row["model"], row["guidance"]) for row in report["results"]}
     expected = {("ema", 1.0), ("ema", 2.0)} if runs["family"] == "diffusion" else {("ema", None), ("raw", None)}
-    assert rows == expected and report["seeds"] == [0, 1] and report["step"] == STEPS
+    assert rows == expected
+    assert report["seeds"] == [0, 1]
+    assert report["step"] == STEPS
     for row in report["results"]:
-        assert len(row["fd"]["per_seed"]) == 2 and row["fd"]["std"] >= 0 and 0 <= row["accuracy"]["mean"] <= 1
+        for metric in ("fd", "accuracy"):
+            per_seed = row[metric]["per_seed"]
+            assert len(per_seed) == 2
+            assert row[metric]["mean"] == pytest.approx(np.mean(per_seed))  # the spread is over the seeds' own values
+            assert row[metric]["std"] == pytest.approx(np.std(per_seed))
+        assert row["fd"]["per_seed"][0] != row["fd"]["per_seed"][1]  # two seeds draw two different sample sets
 
