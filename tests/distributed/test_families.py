@@ -22,6 +22,7 @@ import torch
 
 from ember.data.build_images import build_image_shards
 from tests.helpers.distributed import free_port
+from tests.helpers.runs import events
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]
@@ -53,11 +54,6 @@ def command(family: str, run_dir: Path, shards: Path) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
             "-m", "ember.train.torchrun", str(REPO / "jobs" / "debug" / f"{job}.yaml"),
             *[part for item in items for part in ("--set", item)]]
-
-
-def events(run_dir: Path) -> list[dict]:
-    path = run_dir / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -7,17 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ember.cli import main
+from tests.helpers.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = str(REPO / "jobs" / "quickstart.yaml")
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exited:
-        main(args)
-    captured = capsys.readouterr()
-    return exited.value.code or 0, captured.out, captured.err
 
 
 def test_validate_ok(capsys) -> None:
