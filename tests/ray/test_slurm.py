@@ -29,8 +29,8 @@ def slurm_is_up() -> bool:
 def slurm(text_shards: Path) -> Path:
     if not slurm_is_up():
         if os.environ.get("CI"):
-            pytest.fail("CI must start Slurm first: bash .ci/slurm.sh start")
-        pytest.skip("no Slurm here: start one with `bash .ci/slurm.sh start`")
+            pytest.fail("CI must start Slurm first: eval \"$(bash .ci/slurm.sh start)\"")
+        pytest.skip("no Slurm here: start one with `eval \"$(bash .ci/slurm.sh start)\"`")
     return text_shards
 
 
