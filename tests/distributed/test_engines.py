@@ -264,7 +264,8 @@ def test_deepspeed_config_follows_the_spec():
     assert config["zero_optimization"]["stage"] == 3
     assert config["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
     assert config["zero_optimization"]["offload_param"] == {"device": "nvme", "nvme_path": "/scratch"}
-    assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False}
+    assert config["bf16"] == {"enabled": True}
+    assert config["fp16"] == {"enabled": False}
     assert config["gradient_clipping"] == 0.0
     config["zero_optimization"]["stage"] = 0  # a caller editing its config must not reach the next caller's
     assert deepspeed_config(spec)["zero_optimization"]["stage"] == 3

@@ -15,7 +15,8 @@ QUICKSTART = str(REPO / "jobs" / "quickstart.yaml")
 
 def test_validate_ok(capsys) -> None:
     code, out, _ = run_cli(["validate", QUICKSTART], capsys)
-    assert code == 0 and "valid" in out
+    assert code == 0
+    assert "valid" in out
 
 
 @pytest.mark.parametrize(
