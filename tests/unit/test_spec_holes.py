@@ -75,7 +75,7 @@ def test_overrides_of_keys_no_typed_field_owns_still_merge() -> None:
         (["data.build.kind=imgaes"], "data.build.kind", ["is not one of: text, images", "did you mean images?"]),
         (["optim.lrr=0.1"], "optim.lrr", ["unknown field; did you mean lr?"]),
         (["engine.zero_stag=1"], "engine.zero_stag", ["did you mean zero_stage?"]),
-        (["data.sources=[{urls: a.tar, wieght: 2}]", "data.train=null"], "data.sources[0].wieght",
+        (["data.sources=[{urls: a.tar, wieght: 2}]", "data.train=null"], "data.sources.0.wieght",
          ["did you mean weight?"]),
         (["engine.zero_stage=7"], "engine.zero_stage", ["less than or equal to 3"]),
     ],

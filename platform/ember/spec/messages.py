@@ -46,7 +46,7 @@ def walk(loc: tuple, root: type[BaseModel]) -> tuple[str, list[type[BaseModel]]]
     where, sections = "", [root]
     for part in loc:
         if isinstance(part, int):
-            where, sections = f"{where}[{part}]", sections
+            where = join(where, str(part))  # a list item: data.sources.0.weight
             continue
         owners = [section for section in sections if part in section.model_fields]
         tagged = [section for section in sections if part in (tag_of(section, "kind"), tag_of(section, "family"))]

@@ -66,7 +66,7 @@ def local_path(url: str) -> Path | None:
 def shard_fields(data: DataSpec) -> list[tuple[str, str | list[str]]]:
     """Each shard list with the dotted field that holds it."""
     fields: list[tuple[str, str | list[str]]] = [("data.train.urls", data.train.urls)] if data.train else []
-    fields += [(f"data.sources[{i}].urls", source.urls) for i, source in enumerate(data.sources or [])]
+    fields += [(f"data.sources.{i}.urls", source.urls) for i, source in enumerate(data.sources or [])]
     return fields + ([("data.val.urls", data.val.urls)] if data.val else [])
 
 
