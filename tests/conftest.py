@@ -5,6 +5,7 @@ once per session for the end-to-end tests."""
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,17 +15,27 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def isolated_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Tests never join a Ray cluster the developer has running (RAY_ADDRESS), never send their token, and
-    `ember up` writes its token under a temporary folder, not the real ~/.ray/auth_token. Session-wide, so that
-    module fixtures and the subprocesses they start see it too."""
-    token_path = tmp_path_factory.mktemp("ray-auth") / "auth_token"
-    patch = pytest.MonkeyPatch()
+def isolate_ray(patch: pytest.MonkeyPatch, folder: Path) -> Path:
+    """No RAY_ADDRESS to join the developer's cluster, no RAY_AUTH_TOKEN to send, and a token of the tests' own
+    (for the embedded Rays and `ember up`) instead of the real ~/.ray/auth_token. Returns the token's path."""
+    token_path = folder / "auth_token"
+    token_path.write_text(secrets.token_hex(32))
+    token_path.chmod(0o600)
     for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
         patch.delenv(name, raising=False)
     patch.setenv("RAY_AUTH_TOKEN_PATH", str(token_path))
-    yield token_path
+    return token_path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def isolated_ray(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path | None]:
+    """Every module marked `ray` runs isolated; module-wide, so its module fixtures and the processes they start
+    see it too. Other tiers keep the environment (namespaced hosts have a /tmp of their own)."""
+    if request.node.get_closest_marker("ray") is None:
+        yield None
+        return
+    patch = pytest.MonkeyPatch()
+    yield isolate_ray(patch, tmp_path_factory.mktemp("ray-auth"))
     patch.undo()
 
 
