@@ -1,15 +1,42 @@
 """Suite-wide settings and shared data: no Ray usage reporting, one torch thread per process (2-core
-machines), and one real stdlib text shard set built once per session for the end-to-end tests."""
+machines), Ray isolated from the developer's own (address and token), and one real stdlib text shard set built
+once per session for the end-to-end tests."""
 
 from __future__ import annotations
 
 import os
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def isolate_ray(patch: pytest.MonkeyPatch, folder: Path) -> Path:
+    """No RAY_ADDRESS to join the developer's cluster, no RAY_AUTH_TOKEN to send, and a token of the tests' own
+    (for the embedded Rays and `ember up`) instead of the real ~/.ray/auth_token. Returns the token's path."""
+    token_path = folder / "auth_token"
+    token_path.write_text(secrets.token_hex(32))
+    token_path.chmod(0o600)
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
+        patch.delenv(name, raising=False)
+    patch.setenv("RAY_AUTH_TOKEN_PATH", str(token_path))
+    return token_path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def isolated_ray(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path | None]:
+    """Every module marked `ray` runs isolated; module-wide, so its module fixtures and the processes they start
+    see it too. Other tiers keep the environment (namespaced hosts have a /tmp of their own)."""
+    if request.node.get_closest_marker("ray") is None:
+        yield None
+        return
+    patch = pytest.MonkeyPatch()
+    yield isolate_ray(patch, tmp_path_factory.mktemp("ray-auth"))
+    patch.undo()
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "[text 0.05, images 0.165]" is text, not a markup tag
     help="Train and serve generative models on Ray.",
 )
 data_app = typer.Typer(no_args_is_help=True, help="Build and inspect WebDataset shards.")
@@ -32,7 +33,10 @@ console = Console()
 errors = Console(stderr=True)
 
 SpecArg = Annotated[Path, typer.Argument(help="Job spec YAML.", show_default=False)]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a field: --set engine.zero_stage=3.")]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", metavar="FIELD=VALUE",
+    help="Override a field; repeatable: --set engine.zero_stage=3 --set schedule.steps=100.",
+)]
 
 
 def _load(spec: Path, overrides: list[str] | None):
@@ -41,10 +45,28 @@ def _load(spec: Path, overrides: list[str] | None):
     return JobSpec.load(spec, overrides or [])
 
 
+def _print_version(requested: bool) -> None:
+    if requested:
+        from importlib.metadata import version
+
+        console.print(f"ember {version('ember')}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    _version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="Print ember's version and exit."
+    )] = False,
+) -> None:
+    """Train and serve generative models on Ray."""
+
+
 @app.command()
 def validate(spec: SpecArg, set_: SetOpt = None) -> None:
     """Check a job spec; exit 2 with the field at fault if it is invalid."""
     job = _load(spec, set_)
+    job.check_local_inputs()
     console.print(f"{spec}: valid ({job.model.family}, engine {job.engine.kind}, {job.cluster.num_workers} workers)")
 
 

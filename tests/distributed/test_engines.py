@@ -264,17 +264,20 @@ def test_deepspeed_config_follows_the_spec():
     assert config["zero_optimization"]["stage"] == 3
     assert config["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
     assert config["zero_optimization"]["offload_param"] == {"device": "nvme", "nvme_path": "/scratch"}
-    assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False}
+    assert config["bf16"] == {"enabled": True}
+    assert config["fp16"] == {"enabled": False}
     assert config["gradient_clipping"] == 0.0
-    assert config == deepspeed_config(spec)  # pure: same spec, same config
+    config["zero_optimization"]["stage"] = 0  # a caller editing its config must not reach the next caller's
+    assert deepspeed_config(spec)["zero_optimization"]["stage"] == 3
 
 
 def test_deepspeed_config_overrides_merge_last_and_deep():
-    overrides = {"zero_optimization": {"reduce_bucket_size": 123}, "gradient_clipping": 0.5, "new_key": {"a": 1}}
+    overrides = {"zero_optimization": {"reduce_bucket_size": 123}, "prescale_gradients": True, "new_key": {"a": 1}}
     spec = job_spec(Run("cfg", {"kind": "deepspeed", "zero_stage": 1, "config_overrides": overrides}))
     config = deepspeed_config(spec)
     assert config["zero_optimization"]["reduce_bucket_size"] == 123
     assert config["zero_optimization"]["stage"] == 1  # siblings of an overridden key survive
-    assert config["gradient_clipping"] == 0.5 and config["new_key"] == {"a": 1}
+    assert config["prescale_gradients"] is True
+    assert config["new_key"] == {"a": 1}
     assert "offload_optimizer" not in config["zero_optimization"]
     assert spec.engine.config_overrides == overrides  # the spec is not mutated

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from ember.models import build_model
 from ember.spec import JobSpec
 from ember.train.objectives.lm import lm_loss, split_batch
 from ember.world import local_world, world_from_env
+from tests.helpers.corpus import text_rows
 from tests.helpers.distributed import run_on_ranks
 
 pytestmark = pytest.mark.distributed
@@ -35,11 +35,6 @@ def spec_dict(ep_size: int) -> dict:
         "schedule": {"steps": 3, "micro_batch": MICRO},
         "cluster": {"num_workers": 2, "device": "cpu"},
     }
-
-
-def text_rows(offset: int, count: int) -> torch.Tensor:
-    data = torch.tensor(list(Path(inspect.__file__).read_bytes()), dtype=torch.long)
-    return torch.stack([data[offset + i * (SEQ + 1): offset + (i + 1) * (SEQ + 1)] for i in range(count)])
 
 
 def train_save_and_probe(rank: int, world_size: int, folder: str) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ from safetensors.torch import load_file
 from ember.errors import RESUMABLE_EXIT_CODE
 from tests.conftest import shard_overrides
 from tests.helpers.distributed import free_port
+from tests.helpers.runs import events
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]
@@ -33,11 +33,6 @@ def torchrun(run_dir: Path, shards: Path) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
             "-m", "ember.train.torchrun", str(REPO / "jobs" / "debug" / "tiny-dense.yaml"),
             *[p for item in items for p in ("--set", item)]]
-
-
-def events(run_dir: Path) -> list[dict]:
-    path = run_dir / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def export(run_dir: Path) -> dict:

@@ -8,7 +8,6 @@ source and save through CheckpointManager with the facts `ember run` records (sp
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from ember.spec import JobSpec
 from ember.train.loop import placement_record
 from ember.train.objectives.lm import lm_loss, split_batch
 from ember.world import gather_hosts, world_from_env
+from tests.helpers.corpus import text_rows
 from tests.helpers.distributed import run_on_ranks
 
 SEQ, MICRO, STEPS = 32, 8, 8
@@ -38,11 +38,6 @@ def tiny_moe_spec(ep_size: int, model: dict | None = None) -> dict:
         "schedule": {"steps": STEPS, "micro_batch": MICRO},
         "cluster": {"num_workers": 2, "device": "cpu"},
     }
-
-
-def text_rows(offset: int, count: int) -> torch.Tensor:
-    data = torch.tensor(list(Path(inspect.__file__).read_bytes()), dtype=torch.long)
-    return torch.stack([data[offset + i * (SEQ + 1) : offset + (i + 1) * (SEQ + 1)] for i in range(count)])
 
 
 def _train_and_save(rank: int, world_size: int, run_dir: str, ep_size: int, model: dict | None) -> None:

@@ -4,6 +4,7 @@ a node joins again."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -14,20 +15,16 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import shard_overrides
+from tests.helpers.cli import ember as ember_cli
 from tests.helpers.distributed import free_port
+from tests.helpers.runs import events
 
 pytestmark = pytest.mark.ray
+ember = functools.partial(ember_cli, check=True)  # every step of this scenario must succeed
 REPO = Path(__file__).resolve().parents[2]
 # A tiny-moe step takes ~25 ms: the job must outlast the ~3 s from its first commit to the node being gone
 # (with 36 steps it did not: the job had finished and the kill only hit its shutdown).
 STEPS = 400
-
-
-def ember(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "ember.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done
 
 
 def wait_for(predicate, timeout: float, what: str, poll: float = 1.0) -> None:
@@ -35,11 +32,6 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 1.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(poll)
-
-
-def events(run_dir: Path) -> list[dict]:
-    path = run_dir / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def test_expert_parallel_job_spans_two_nodes_and_survives_losing_one(tmp_path: Path, text_shards: Path) -> None:

@@ -45,6 +45,10 @@ def test_moe_run_logs_checkpoints_resumes_and_exports(tmp_path: Path, shards: Pa
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5  # it learns
     assert read_scalars(run_dir / "tensorboard", "train/aux_loss")
+    for phase in ("data_s", "forward_backward_s", "optimizer_s", "checkpoint_s", "peak_memory_gb"):
+        assert [step for step, _ in read_scalars(run_dir / "tensorboard", f"time/{phase}")] == list(range(5, 31, 5))
+    assert sum(value for _, value in read_scalars(run_dir / "tensorboard", "time/forward_backward_s")) > 0
+    assert "ms/step [data " in first.stdout
     checkpoints = CheckpointManager(run_dir / "checkpoints", world=None).committed()
     assert [c.name for c in checkpoints] == ["step_000030", "step_000015"]
     assert verify_manifest(checkpoints[0]) == []

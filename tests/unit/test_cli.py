@@ -7,22 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from ember.cli import main
+from tests.helpers.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = str(REPO / "jobs" / "quickstart.yaml")
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exited:
-        main(args)
-    captured = capsys.readouterr()
-    return exited.value.code or 0, captured.out, captured.err
-
-
 def test_validate_ok(capsys) -> None:
     code, out, _ = run_cli(["validate", QUICKSTART], capsys)
-    assert code == 0 and "valid" in out
+    assert code == 0
+    assert "valid" in out
 
 
 @pytest.mark.parametrize(
@@ -36,6 +30,12 @@ def test_validate_ok(capsys) -> None:
             "/nonexistent/x-0.tar",
         ),
         (["validate", QUICKSTART, "--frobnicate"], "No such option"),
+        (["validate", QUICKSTART, "--set", "checkpoint.resume=atuo"], "checkpoint.resume: 'atuo'"),
+        (["validate", QUICKSTART, "--set", "engine.kind=dpp"], "engine.kind: 'dpp' is not one of"),
+        (
+            ["validate", QUICKSTART, "--set", "data.train.urls=/nonexistent/x-{0..1}.tar", "--set", "data.build=null"],
+            "data.train.urls: 2 shard file(s) not found: /nonexistent/x-0.tar",
+        ),
         (["data", "build", "video", "--out", "/tmp/x"], "unknown kind"),
         (["data", "build", "images", "--source", "nope", "--out", "/tmp/x"], "--source nope"),
         (["ckpt", "export", "/nonexistent/run", "--out", "/tmp/x.safetensors"], "/nonexistent/run"),
@@ -66,3 +66,24 @@ def test_show_prints_resolved_spec_and_deepspeed_config(capsys) -> None:
     assert config["zero_optimization"]["stage"] == 2
     assert config["gradient_accumulation_steps"] == 2
     assert config["train_batch_size"] == 64
+
+
+def test_version_comes_from_the_package_metadata(capsys) -> None:
+    from importlib.metadata import version
+
+    code, out, _ = run_cli(["--version"], capsys)
+    assert code == 0
+    assert out.strip() == f"ember {version('ember')}"
+
+
+def test_help_keeps_bracketed_text(capsys) -> None:
+    code, out, _ = run_cli(["data", "build", "--help"], capsys)
+    assert code == 0
+    assert "[text 0.05, images 0.165]" in " ".join(out.split())
+
+
+def test_help_shows_set_as_repeatable(capsys) -> None:
+    code, out, _ = run_cli(["validate", "--help"], capsys)
+    assert code == 0
+    assert "--set FIELD=VALUE" in out
+    assert "repeatable" in out

@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from ember.cli import main
 from ember.data.build_images import build_image_shards
 from ember.data.formats import ImageBatch, ImageRows, ImageTokenRows, dequantise
 from ember.data.loader import build_stream, row_format
@@ -22,6 +21,7 @@ from ember.data.stream import ShardStream
 from ember.errors import UserError
 from ember.spec.data import DataSpec
 from ember.spec.model import GPTSpec
+from tests.helpers.cli import run_cli
 
 TRAIN_SHARDS = 15
 
@@ -125,18 +125,16 @@ def test_build_stream_picks_the_decode_from_the_spec(digit_shards: Path) -> None
     assert batch.shape == (4, 65)
 
 
-def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exited:
-        main(args)
-    captured = capsys.readouterr()
-    return exited.value.code or 0, captured.out + captured.err
+def cli_text(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    code, out, err = run_cli(args, capsys)
+    return code, out + err
 
 
 def test_cli_builds_images_and_inspect_prints_counts_keys_and_a_grid(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "digits16"
-    code, text = run_cli(
+    code, text = cli_text(
         [
             "data",
             "build",
@@ -154,7 +152,7 @@ def test_cli_builds_images_and_inspect_prints_counts_keys_and_a_grid(
     )
     assert code == 0 and "wrote 4 shards (1797 samples)" in text
     grid = tmp_path / "grid.png"
-    code, text = run_cli(["data", "inspect", str(out), "--grid", str(grid), "--keys", "3"], capsys)
+    code, text = cli_text(["data", "inspect", str(out), "--grid", str(grid), "--keys", "3"], capsys)
     assert code == 0
     assert "images from digits, 16x16x1; 4 shards, 1797 samples" in text
     assert "train-000002.tar" in text and "val-000000.tar" in text and "297 samples" in text
@@ -173,10 +171,10 @@ def test_cli_builds_images_and_inspect_prints_counts_keys_and_a_grid(
     ],
 )
 def test_image_cli_mistakes_exit_2(args: list[str], needle: str, tmp_path: Path, capsys) -> None:
-    code, text = run_cli([str(tmp_path) if arg == "OUT" else arg for arg in args], capsys)
+    code, text = cli_text([str(tmp_path) if arg == "OUT" else arg for arg in args], capsys)
     assert code == 2 and needle in text and "Traceback" not in text
 
 
 def test_inspect_grid_of_text_shards_is_refused(tiny_stdlib_shards: Path, tmp_path: Path, capsys) -> None:
-    code, text = run_cli(["data", "inspect", str(tiny_stdlib_shards), "--grid", str(tmp_path / "g.png")], capsys)
+    code, text = cli_text(["data", "inspect", str(tiny_stdlib_shards), "--grid", str(tmp_path / "g.png")], capsys)
     assert code == 2 and "needs image shards" in text

@@ -36,7 +36,14 @@ def test_cached_ragged_decode_equals_the_full_forward() -> None:
 
 def test_a_step_with_no_sequences_still_runs_the_model() -> None:
     """An expert-parallel rank with nothing to decode must still take part in every layer's all-to-all."""
-    assert DecodeRunner(tiny_moe_gpt()).step(StepPlan()) == {}
+    model = tiny_moe_gpt()
+    moe_layers = [module for module in model.modules() if type(module).__name__ == "EmberMoE"]
+    token_counts: list[int] = []
+    for layer in moe_layers:
+        layer.register_forward_hook(lambda _layer, inputs, _out: token_counts.append(inputs[0].numel()))
+    assert DecodeRunner(model).step(StepPlan()) == {}
+    assert moe_layers
+    assert token_counts == [0] * len(moe_layers)  # each MoE layer ran once, on no tokens
 
 
 def test_runner_greedy_tokens_equal_argmax_of_the_full_forward() -> None:

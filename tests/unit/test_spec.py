@@ -29,7 +29,8 @@ def test_every_job_file_validates(path: Path) -> None:
 
 def test_defaults_and_derived_batch_arithmetic() -> None:
     spec = JobSpec.load(REPO / "jobs" / "quickstart.yaml")
-    assert spec.grad_accumulation == 1 and spec.global_batch == 32
+    assert spec.grad_accumulation == 1
+    assert spec.global_batch == 32
     accumulated = JobSpec.load(REPO / "jobs" / "quickstart.yaml", ["schedule.global_batch=128"])
     assert accumulated.grad_accumulation == 4
     assert accumulated.optim.betas == (0.9, 0.95)  # a default filled in

@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import sysconfig
 import tempfile
@@ -16,18 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from braceexpand import braceexpand
 from webdataset import TarWriter
 
 from ember.errors import InternalError, UserError
 from ember.spec.data import DataSpec, ImageBuildSpec, TextBuildSpec
+from ember.spec.paths import expand_urls, local_path  # noqa: F401 (re-exported: the readers use them)
+from ember.spec.paths import missing_local_shards as missing_shard_fields
 
 log = logging.getLogger(__name__)
 
 SKIPPED_FOLDERS = frozenset({"site-packages", "test", "tests", "idlelib"})
 MANIFEST_NAME = "shards.json"
-# A scheme of two letters or more, so that a Windows drive letter is not mistaken for one.
-_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):")
 
 
 @dataclass(frozen=True)
@@ -167,26 +165,8 @@ def publish(staging: Path, out: Path) -> None:
         os.replace(item, out / item.name)
 
 
-def expand_urls(urls: str | list[str]) -> list[str]:
-    """Brace-expand each pattern (`train-{000000..000007}.tar`), keeping the given order."""
-    patterns = [urls] if isinstance(urls, str) else list(urls)
-    return [url for pattern in patterns for url in braceexpand(pattern)]
-
-
-def local_path(url: str) -> Path | None:
-    """The file behind a local path or file:// URL; None for remote URLs (http, s3, pipe:, ...)."""
-    match = _SCHEME.match(url)
-    if match is None:
-        return Path(url)
-    if match.group(1).lower() == "file":
-        return Path(url[len("file://") :] if url.startswith("file://") else url[len("file:") :])
-    return None
-
-
 def missing_local_shards(data_spec: DataSpec) -> list[str]:
-    shard_sets = data_spec.train_sets() + ([data_spec.val] if data_spec.val is not None else [])
-    urls = [url for shard_set in shard_sets for url in expand_urls(shard_set.urls)]
-    return [url for url in urls if (path := local_path(url)) is not None and not path.is_file()]
+    return [url for _field, url in missing_shard_fields(data_spec)]
 
 
 def build_from_spec(build: TextBuildSpec | ImageBuildSpec) -> None:

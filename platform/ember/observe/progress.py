@@ -50,7 +50,8 @@ def format_event(event: dict[str, Any]) -> str:
             f"step {event['step']:>6}/{event['total']}  loss {event['loss']:.4f}  lr {event['lr']:.2e}  "
             f"grad_norm {event['grad_norm']:.3f}  {rate}"
         )
-        return line + "".join(f"  {name} {event[name]:.4f}" for name in EXTRA_LOSSES if name in event)
+        line += "".join(f"  {name} {event[name]:.4f}" for name in EXTRA_LOSSES if name in event)
+        return line + (format_step_time(event) if "data_s" in event else "")
     if kind == "eval":
         return f"step {event['step']:>6}  held-out loss {event['val_loss']:.4f} {event.get('unit', 'nats/token')}"
     if kind == "checkpoint":
@@ -71,6 +72,13 @@ def format_event(event: dict[str, Any]) -> str:
         where = f"{event['world_size']} workers ({event['device']})"
         return f"training {event['total']} steps on {where}, from step {event['step']}"
     return str(event)
+
+
+def format_step_time(event: dict[str, Any]) -> str:
+    """Mean ms per step: data wait, forward+backward, optimizer, checkpoint stall; then peak memory."""
+    parts = [("data", "data_s"), ("fwd+bwd", "forward_backward_s"), ("opt", "optimizer_s"), ("ckpt", "checkpoint_s")]
+    split = " ".join(f"{label} {event[key] * 1000:.0f}" for label, key in parts)
+    return f"  ms/step [{split}]  peak {event['peak_memory_gb']:.2f} GB"
 
 
 class ProgressView:
@@ -95,6 +103,9 @@ class ProgressView:
 
     def __exit__(self, *exc: object) -> None:
         self._progress.stop()
+
+    def note(self, line: str) -> None:
+        self._progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     def handle(self, event: dict[str, Any]) -> None:
         kind = event["kind"]

@@ -3,17 +3,25 @@ how samples are decoded, and the stream's seed, slots and DataLoader workers."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Literal
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from ember.spec.base import Section
+from ember.spec.base import Section, tagged_union
 
 
 class ShardSet(Section):
     urls: str | list[str] = Field(
         description="Shard URLs: paths (relative to the spec file), brace patterns, file://, http(s)://, s3://, gs://."
     )
+
+    @field_validator("urls")
+    @classmethod
+    def _some_shards(cls, urls: str | list[str]) -> str | list[str]:
+        patterns = [urls] if isinstance(urls, str) else urls
+        if not patterns or not all(pattern.strip() for pattern in patterns):
+            raise ValueError("give at least one shard path or pattern, e.g. shards/train-{000000..000007}.tar")
+        return urls
 
 
 class SourceSpec(ShardSet):
@@ -41,16 +49,8 @@ class ImageBuildSpec(Section):
     )
 
 
-def _build_kind(raw: Any) -> str:
-    """`kind` picks the build; a section without one builds text, as before images existed."""
-    kind = raw.get("kind", "text") if isinstance(raw, dict) else getattr(raw, "kind", "text")
-    return kind if isinstance(kind, str) else "text"  # a malformed kind then fails as text's own field
-
-
-BuildSpec = Annotated[
-    Annotated[TextBuildSpec, Tag("text")] | Annotated[ImageBuildSpec, Tag("images")],
-    Discriminator(_build_kind),
-]
+# A build section without `kind` builds text, as before images existed.
+BuildSpec = tagged_union("kind", "text", TextBuildSpec, ImageBuildSpec)
 
 
 class ImageTokensSpec(Section):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ember.spec.base import Section
+from ember.spec.base import Section, tagged_union
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -63,4 +63,4 @@ class FairscaleSpec(_EngineCommon):
     )
 
 
-EngineSpec = Annotated[DeepSpeedSpec | DDPSpec | FSDPSpec | FairscaleSpec, Field(discriminator="kind")]
+EngineSpec = tagged_union("kind", "deepspeed", DeepSpeedSpec, DDPSpec, FSDPSpec, FairscaleSpec)

@@ -12,15 +12,16 @@ from pydantic import Field, ValidationError, model_validator
 
 from ember.errors import UserError
 from ember.spec.base import Section
-from ember.spec.checkpoint import CheckpointSpec
+from ember.spec.checkpoint import RESUME_MODES, CheckpointSpec
 from ember.spec.cluster import ClusterSpec
 from ember.spec.data import DataSpec
 from ember.spec.engine import DDPSpec, DeepSpeedSpec, EngineSpec, FairscaleSpec
 from ember.spec.logging import LoggingSpec
+from ember.spec.messages import format_validation_error
 from ember.spec.model import ModelSpec
 from ember.spec.optim import OptimSpec, ScheduleSpec
 from ember.spec.overrides import apply_overrides
-from ember.spec.paths import resolve_input_paths
+from ember.spec.paths import missing_local_shards, resolve_input_paths
 
 
 class JobSpec(Section):
@@ -65,7 +66,22 @@ class JobSpec(Section):
         if self.engine.precision == "fp16" and not isinstance(self.engine, DeepSpeedSpec):
             raise ValueError("engine.precision=fp16 needs engine.kind=deepspeed (loss scaling); use bf16 instead")
         check_image_family(self)
+        check_engine_overrides(self)
         return self
+
+    def check_local_inputs(self) -> None:
+        """Local shards and an explicit resume folder must exist, unless data.build makes the shards. A spec for
+        another cluster (cluster.address not local) names paths on that cluster: its own run checks them."""
+        if self.cluster.address != "local":
+            return
+        problems = [] if self.data.build is not None else missing_by_field(missing_local_shards(self.data))
+        resume = self.checkpoint.resume
+        if resume not in RESUME_MODES:
+            folder = self.checkpoint.resume_folder(self.output_dir / "checkpoints")
+            if not (folder / "manifest.json").is_file():
+                problems.append(f"checkpoint.resume: {folder} is not a committed checkpoint (no manifest.json)")
+        if problems:
+            raise UserError("\n".join(problems))
 
     # Derived quantities: the single place the batch arithmetic lives.
     @property
@@ -100,7 +116,7 @@ class JobSpec(Section):
         try:
             spec = cls.model_validate(raw)
         except ValidationError as err:
-            raise UserError(format_validation_error(err, source)) from None
+            raise UserError(format_validation_error(err, cls, source)) from None
         if spec.run_dir is not None:
             spec.run_dir = str(Path(spec.run_dir).absolute())
         return spec
@@ -127,6 +143,8 @@ def check_image_family(spec: JobSpec) -> None:
     while G trains through it)."""
     family = spec.model.family
     if family == "gpt":
+        if spec.data.decode == "image":
+            raise ValueError("data.decode: image gives float images, a GPT reads tokens; use text or image_tokens")
         return
     if spec.data.decode != "image":
         raise ValueError(f"model.family={family} reads images: set data.decode=image")
@@ -137,20 +155,48 @@ def check_image_family(spec: JobSpec) -> None:
                 raise ValueError(f"model.{name}.engine: zero_stage 3 is not supported for a GAN; use 0, 1 or 2")
 
 
-# Discriminated unions put the chosen tag into error locations; users think in field paths.
-UNION_TAGS = ("deepspeed", "ddp", "fsdp", "fairscale", "gpt", "diffusion", "gan", "text", "images")
+# DeepSpeed keys a typed field owns: set there, they are checked (MoE + ZeRO-3, offload needs ZeRO); set in
+# config_overrides, they would bypass those checks.
+OWNED_DEEPSPEED_KEYS = {
+    ("train_micro_batch_size_per_gpu",): "schedule.micro_batch",
+    ("gradient_accumulation_steps",): "schedule.global_batch",
+    ("train_batch_size",): "schedule.global_batch",
+    ("zero_optimization", "stage"): "engine.zero_stage",
+    ("zero_optimization", "offload_optimizer"): "engine.offload_optimizer",
+    ("zero_optimization", "offload_param"): "engine.offload_param",
+    ("zero_optimization", "overlap_comm"): "engine.overlap_comm",
+    ("bf16",): "engine.precision",
+    ("fp16",): "engine.precision",
+    ("gradient_clipping",): "engine.grad_clip",
+}
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid job spec ({err.error_count()} problem{'s' * (err.error_count() > 1)}):"]
-    for item in err.errors():
-        # Drop the union tag pydantic inserts (engine.deepspeed.zero_stage -> engine.zero_stage).
-        loc = [str(part) for part in item["loc"] if part not in UNION_TAGS]
-        field = ".".join(loc)
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown field; check the spelling (`ember schema` lists every field)"
-        elif item["type"] == "missing":
-            message = "required field is missing"
-        lines.append(f"  {field}: {message}" if field else f"  {message}")
-    return "\n".join(lines)
+def check_engine_overrides(spec: JobSpec) -> None:
+    engines = {"engine": spec.engine}
+    if spec.model.family == "gan":
+        engines |= {f"model.{name}.engine": getattr(spec.model, name).engine for name in ("generator", "discriminator")}
+    for field, engine in engines.items():
+        overrides = engine.config_overrides if isinstance(engine, DeepSpeedSpec) else {}
+        for keys, owner in OWNED_DEEPSPEED_KEYS.items():
+            node = overrides
+            for key in keys:
+                node = node.get(key, {}) if isinstance(node, dict) else {}
+            if node != {}:
+                raise ValueError(
+                    f"{field}.config_overrides.{'.'.join(keys)}: set {owner} instead (ember checks it against the "
+                    "model; an override would bypass that)"
+                )
+
+
+def missing_by_field(missing: list[tuple[str, str]]) -> list[str]:
+    """One line per shard field: how many of its files are missing, and the first few."""
+    lines = []
+    for field in dict.fromkeys(field for field, _ in missing):
+        urls = [url for owner, url in missing if owner == field]
+        shown = ", ".join(urls[:3]) + (f" and {len(urls) - 3} more" if len(urls) > 3 else "")
+        lines.append(
+            f"{field}: {len(urls)} shard file(s) not found: {shown}; build them (`ember data build text|images "
+            "--out DIR`), add a data.build section, or fix the path"
+        )
+    return lines
+

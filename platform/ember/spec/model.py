@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Literal
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import Field, model_validator
 
-from ember.spec.base import Section
+from ember.spec.base import Section, tagged_union
 from ember.spec.generative import DiffusionSpec, GANSpec
 from ember.spec.moe import MoEBlocks, MoESpec
 
@@ -45,13 +45,5 @@ class GPTSpec(MoEBlocks, Section):
         return self.d_ff or 4 * self.d_model
 
 
-def _family(raw: Any) -> str:
-    """`family` picks the model; a section without one is a gpt, as before other families existed."""
-    family = raw.get("family", "gpt") if isinstance(raw, dict) else getattr(raw, "family", "gpt")
-    return family if isinstance(family, str) else "gpt"
-
-
-ModelSpec = Annotated[
-    Annotated[GPTSpec, Tag("gpt")] | Annotated[DiffusionSpec, Tag("diffusion")] | Annotated[GANSpec, Tag("gan")],
-    Discriminator(_family),
-]
+# A section without `family` is a gpt, as before other families existed.
+ModelSpec = tagged_union("family", "gpt", GPTSpec, DiffusionSpec, GANSpec)

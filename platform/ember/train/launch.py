@@ -1,6 +1,7 @@
 """Driver side of `ember run`: prepare data and the run folder, start or join Ray, run the TorchTrainer.
 
-Ray owns the worker processes and their restarts (FailureConfig); ember owns what a checkpoint is.
+Ray owns the worker processes; ember decides which failures restart them (retry.py) and owns what a
+checkpoint is.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import shutil
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from ember.spec import JobSpec
 from ember.spec.paths import is_under
 from ember.train.loop import train_worker
 from ember.train.preemption import SIGNALS, request_preemption
+from ember.train.retry import Decision, Failure, decide, failure_kind
 
 
 @dataclass
@@ -39,6 +41,7 @@ def run_job(spec: JobSpec, verbose: bool = False, console: Console | None = None
     console = console or Console()
     if spec.cluster.address == "local":
         ensure_shards(spec.data)  # a remote cluster checks its own paths; locally, fail before Ray starts
+        spec.check_local_inputs()
     run_dir = prepare_run_dir(spec)
     with ray_session(spec, verbose):
         if spec.cluster.address != "local":
@@ -52,9 +55,9 @@ def run_job(spec: JobSpec, verbose: bool = False, console: Console | None = None
         # would fail the whole job instead of letting Ray Train restart the workers.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-        trainer = build_trainer(spec, run_dir, queue)
-        with forward_preemption_signals(run_dir):
-            metrics = fit_with_progress(trainer, queue, ProgressView(console))
+        with forward_preemption_signals(run_dir), ProgressView(console) as view:
+            metrics = fit_with_retries(lambda: build_trainer(spec, run_dir, queue), queue, view,
+                                       spec.cluster.max_failures)
     if spec.logging.tensorboard:
         console.print(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}", markup=False, soft_wrap=True)
     return RunResult(run_dir, metrics)
@@ -189,12 +192,13 @@ def build_trainer(spec: JobSpec, run_dir: Path, queue: Any):
         resources["GPU"] = 1
     return TorchTrainer(
         train_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir), "queue": queue},
+        train_loop_config={"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir), "queue": queue,
+                           "report_to_ray": True},
         scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name="ray-train",
             storage_path=str(run_dir / "ray"),
-            failure_config=FailureConfig(max_failures=cluster.max_failures),
+            failure_config=FailureConfig(max_failures=0),  # ember's own attempts loop decides (retry.py)
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
@@ -206,7 +210,30 @@ def _cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def fit_with_progress(trainer: Any, queue: Any, view: ProgressView) -> dict[str, Any]:
+def fit_with_retries(make_trainer: Callable[[], Any], queue: Any, view: ProgressView, max_failures: int) -> dict:
+    """One fit per attempt, each of a fresh worker group that resumes from the newest committed checkpoint;
+    retry.decide says whether a failed attempt is tried again (never for a user's mistake)."""
+    history: list[Failure] = []
+    while True:
+        attempt = fit_with_progress(make_trainer(), queue, view)
+        if attempt.error is None:
+            return attempt.metrics
+        failure = Failure(failure_kind(attempt.error), attempt.last_step)
+        if decide(failure, history, max_failures) is not Decision.RETRY:
+            raise_training_error(attempt.error)
+        history.append(failure)
+        view.note(f"attempt {len(history)} failed at step {failure.step} ({failure.kind}); restarting the workers "
+                  f"({len(history)} of {'unlimited' if max_failures == -1 else max_failures} restarts)")
+
+
+@dataclass
+class Attempt:
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: BaseException | None = None
+    last_step: int = 0
+
+
+def fit_with_progress(trainer: Any, queue: Any, view: ProgressView) -> Attempt:
     """Run trainer.fit() on a thread and render the workers' events until it returns."""
     from ray.util.queue import Empty
 
@@ -215,25 +242,24 @@ def fit_with_progress(trainer: Any, queue: Any, view: ProgressView) -> dict[str,
     def fit() -> None:
         try:
             outcome["result"] = trainer.fit()
-        except BaseException as exc:  # re-raised on the main thread below
+        except BaseException as exc:  # handed to the attempts loop on the main thread
             outcome["error"] = exc
 
     thread = threading.Thread(target=fit, name="ember-fit", daemon=True)
     thread.start()
-    metrics: dict[str, Any] = {}
-    with view:
-        while thread.is_alive() or not queue.empty():
-            try:
-                event = queue.get(timeout=0.5)
-            except Empty:
-                continue
-            if event["kind"] == "done":
-                metrics = event["metrics"]
-            view.handle(event)
+    attempt = Attempt()
+    while thread.is_alive() or not queue.empty():
+        try:
+            event = queue.get(timeout=0.5)
+        except Empty:
+            continue
+        if event["kind"] == "done":
+            attempt.metrics = event["metrics"]
+        attempt.last_step = event.get("step", attempt.last_step)
+        view.handle(event)
     thread.join()
-    if "error" in outcome:
-        raise_training_error(outcome["error"])
-    return metrics
+    attempt.error = outcome.get("error")
+    return attempt
 
 
 def raise_training_error(exc: BaseException) -> None:

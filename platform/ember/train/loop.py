@@ -20,6 +20,7 @@ from ember.errors import UserError
 from ember.observe.images import save_png
 from ember.observe.moe_stats import log_routing, mean_over_ranks, routing_stats
 from ember.observe.progress import Reporter
+from ember.observe.step_time import StepClock, peak_memory_gb
 from ember.observe.tensorboard import TensorBoardLogger
 from ember.spec import JobSpec
 from ember.train.objectives.base import build_objective
@@ -35,7 +36,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(max(1, int(spec.cluster.cpus_per_worker)))
     run_dir = Path(config["run_dir"])
     reporter = Reporter(config.get("queue"), world.is_main, run_dir / "events.jsonl")
-    trainer = Trainer(spec, world, run_dir, reporter)
+    trainer = Trainer(spec, world, run_dir, reporter, report_to_ray=config.get("report_to_ray", False))
     return trainer.fit()
 
 
@@ -46,7 +47,9 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, spec: JobSpec, world: World, run_dir: Path, reporter: Reporter) -> None:
+    def __init__(
+        self, spec: JobSpec, world: World, run_dir: Path, reporter: Reporter, report_to_ray: bool = False
+    ) -> None:
         self.spec, self.world, self.run_dir, self.reporter = spec, world, run_dir, reporter
         seed_everything(spec.schedule.seed)
         self.placement = world.expert_placement(spec.model, gather_hosts(world))  # built once, handed down
@@ -61,6 +64,10 @@ class Trainer:
         self.step = 0
         self.skipped_samples = 0
         self.metrics: dict[str, Any] = {}
+        self.clock = StepClock()
+        for engine in self.objective.engines.values():  # the optimizer's share, timed outside the objective
+            engine.step = self.clock.timed("optimizer_s", engine.step)
+        self.report_to_ray = report_to_ray
 
     def _checkpoint_manager(self, spec: JobSpec, world: World, run_dir: Path) -> CheckpointManager:
         attempt = [start_attempt(run_dir) if world.is_main else None]
@@ -92,8 +99,10 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 stats[rate] = window_steps * self.objective.items_per_step / max(elapsed, 1e-9)
                 self.tensorboard.scalars(self.step, {rate: stats[rate]}, prefix="train/")
+                stats |= self.log_step_time()
                 self.reporter.emit("log", step=self.step, total=total, **stats)
                 self.metrics.update(loss=stats["loss"], **{rate: stats[rate]})
+                self.report_metrics(stats)
                 self.log_skipped_samples()
                 self.log_routing()
                 window_start, window_steps = time.perf_counter(), 0
@@ -119,7 +128,9 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step of the family's objective; its losses averaged over ranks in one all-reduce."""
-        means, host = self.objective.train_step(lambda: next(self.batches), self.step)
+        start = time.perf_counter()
+        means, host = self.objective.train_step(self.clock.timed("data_s", lambda: next(self.batches)), self.step)
+        self.clock.end_step(time.perf_counter() - start)
         reduced = self.all_reduce_mean(torch.stack([value.double().reshape(()) for value in means.values()]))
         return {name: reduced[i].item() for i, name in enumerate(means)} | host
 
@@ -129,6 +140,19 @@ class Trainer:
         if self.world.world_size > 1:
             dist.all_reduce(values)
         return values.cpu() / self.world.world_size
+
+    def log_step_time(self) -> dict[str, float]:
+        """This rank's mean step split over the logging window and its peak memory, to TensorBoard and the log."""
+        split = self.clock.window() | {"peak_memory_gb": peak_memory_gb(self.world.device)}
+        self.tensorboard.scalars(self.step, split, prefix="time/")
+        return split
+
+    def report_metrics(self, stats: dict[str, float]) -> None:
+        """Every rank reports (Ray Train waits for all); Ray keeps rank 0's, for its dashboard and Result.metrics."""
+        if self.report_to_ray:
+            import ray.train
+
+            ray.train.report({"step": self.step, **{k: v for k, v in stats.items() if isinstance(v, int | float)}})
 
     @torch.no_grad()
     def evaluate(self) -> None:
@@ -180,6 +204,7 @@ class Trainer:
         shared = {"data": merge_states(cursors), "world_size": self.world.world_size}
         saved = self.checkpoints.save(self.step, self.objective.parts, shared, {"rng": rng_state()})
         self.tensorboard.scalars(self.step, {"stall_s": saved.stall_s}, prefix="checkpoint/")
+        self.clock.add("checkpoint_s", saved.stall_s)
         self.reporter.emit("checkpoint", step=self.step, path=str(saved.path), stall_s=saved.stall_s,
                            background=self.spec.checkpoint.async_save)
 
@@ -222,9 +247,9 @@ class Trainer:
             for folder, problems in self.checkpoints.skipped:
                 self.reporter.emit("skipped_checkpoint", path=str(folder), problem=problems[0])
             return found
-        path = Path(mode)
+        path = self.spec.checkpoint.resume_folder(self.checkpoints.root)
         if not (path / "manifest.json").is_file():
-            raise UserError(f"checkpoint.resume: {path} is not a committed checkpoint folder (no manifest.json)")
+            raise UserError(f"checkpoint.resume={mode}: {path} is not a committed checkpoint folder (no manifest.json)")
         return path
 
     def log_sample(self) -> None:
