@@ -115,6 +115,35 @@ def test_retention_keeps_last_n_and_every_mth(tmp_path: Path, engine) -> None:
     assert [p.name for p in m.committed()] == ["step_000008", "step_000007", "step_000004"]
 
 
+def truncate(checkpoint: Path) -> None:
+    victim = checkpoint / "engine" / "model.pt"
+    victim.write_bytes(victim.read_bytes()[:100])
+
+
+def test_retention_never_deletes_the_checkpoint_just_committed_for_a_corrupt_newer_step(tmp_path, engine) -> None:
+    eng, world = engine
+    m = manager(tmp_path, world, retention=Retention(keep_last=1))
+    save(m, 200, eng)
+    truncate(save(m, 300, eng))  # with keep_last=1, 200 went at 300's commit
+    m = manager(tmp_path, world, retention=Retention(keep_last=1))  # the restarted run
+    save(m, 250, eng)  # it commits a lower step
+    assert [p.name for p in m.committed()] == ["step_000250", "step_000300"]
+    assert m.latest_valid().name == "step_000250"
+
+
+def test_retention_counts_only_this_lineage_and_ranks_by_commit_order(tmp_path, engine) -> None:
+    eng, world = engine
+    old = manager(tmp_path, world, retention=Retention(keep_last=3), lineage="old")
+    for step in (800, 900, 1000):
+        save(old, step, eng)
+    new = manager(tmp_path, world, retention=Retention(keep_last=3), lineage="new")  # resume: never
+    for step in (100, 200, 300, 400):
+        save(new, step, eng)
+    names = [p.name for p in new.committed()]
+    assert names == ["step_000400", "step_000300", "step_000200", "step_001000", "step_000900", "step_000800"]
+    assert new.latest_valid().name == "step_000400"  # the newest commit, not the highest step
+
+
 SAVER = """
 import sys, torch
 from pathlib import Path

@@ -28,7 +28,7 @@ from typing import Any
 
 from ember.checkpoint.fence import Attempt, is_current
 from ember.checkpoint.io import deferred_writes, save_file, write_pending
-from ember.checkpoint.manifest import fsync_path, read_manifest, verify_manifest, write_manifest
+from ember.checkpoint.manifest import MANIFEST, fsync_path, read_manifest, verify_manifest, write_manifest
 from ember.errors import InternalError, UserError
 from ember.world import World
 
@@ -45,11 +45,12 @@ class Retention:
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0 = none
 
     def to_delete(self, newest_first: list[Path]) -> list[Path]:
+        """Of valid checkpoints of one lineage, newest commit first (index 0: the one just committed)."""
         doomed = []
         for index, folder in enumerate(newest_first):
             step = step_of(folder)
             kept = index < self.keep_last or (self.keep_every and step % self.keep_every == 0)
-            if not kept and index > 0:  # never the newest
+            if not kept and index > 0:  # never the one just committed
                 doomed.append(folder)
         return doomed
 
@@ -69,7 +70,12 @@ class CheckpointManager:
     attempt: Attempt | None = None
     run_dir: Path | None = None
     async_save: bool = False
+    # The history this run continues: retention only counts and deletes checkpoints of it. A run that
+    # starts from scratch or branches from an older checkpoint begins a new one (see train/loop.py).
+    lineage: str | None = None
+    verify_checksums: bool = True
     skipped: list[tuple[Path, list[str]]] = field(default_factory=list)
+    _verified: dict[tuple[str, int], bool] = field(default_factory=dict)
     _pending: threading.Thread | None = None
     _failure: BaseException | None = None
 
@@ -116,11 +122,28 @@ class CheckpointManager:
 
     # ---- reading ----
     def committed(self) -> list[Path]:
-        """Committed checkpoint folders, newest first."""
+        """Committed checkpoint folders, newest commit first (a resumed run may commit a lower step last)."""
         if not self.root.is_dir():
             return []
         found = [p for p in self.root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
-        return sorted(found, key=step_of, reverse=True)
+        return sorted(found, key=commit_order, reverse=True)
+
+    def is_valid(self, folder: Path) -> bool:
+        """Verified once per folder and manifest (committed checkpoints never change in place)."""
+        try:
+            key = (folder.name, (folder / MANIFEST).stat().st_mtime_ns)
+        except OSError:
+            return False
+        if key not in self._verified:
+            self._verified[key] = not verify_manifest(folder, checksums=self.verify_checksums)
+        return self._verified[key]
+
+    def retention_victims(self, just_committed: Path) -> list[Path]:
+        """Valid checkpoints of this lineage beyond the retention policy; never `just_committed`, and
+        corrupt or other-lineage folders neither count against the policy nor get deleted by it."""
+        ours = [f for f in self.committed() if f == just_committed or lineage_of(f) == self.lineage]
+        valid = [just_committed] + [f for f in ours if f != just_committed and self.is_valid(f)]
+        return [f for f in self.retention.to_delete(valid) if f != just_committed]
 
     def latest_valid(self, checksums: bool = True) -> Path | None:
         """The newest checkpoint whose manifest verifies; bad ones are recorded in `skipped` and passed over."""
@@ -185,19 +208,41 @@ class _Publish:
                 "(a newer attempt of this run has started)"
             )
         (self.tmp / STATE).write_text(json.dumps({"step": self.step, **self.shared_state}))
-        facts = {"step": self.step, "world_size": manager.world.world_size, "ep_size": manager.world.ep_size}
+        facts = {"step": self.step, "world_size": manager.world.world_size, "ep_size": manager.world.ep_size,
+                 "commit": next_commit_number(manager.committed()), "lineage": manager.lineage}
         if manager.attempt is not None:
             facts["attempt"] = {"number": manager.attempt.number, "id": manager.attempt.id}
         write_manifest(self.tmp, {**facts, **manager.facts})
         shutil.rmtree(self.final, ignore_errors=True)  # a same-step leftover from an earlier attempt
         self.tmp.rename(self.final)
         fsync_path(manager.root)
-        for folder in manager.retention.to_delete(manager.committed()):
+        manager._verified[(self.final.name, (self.final / MANIFEST).stat().st_mtime_ns)] = True
+        for folder in manager.retention_victims(self.final):
             shutil.rmtree(folder, ignore_errors=True)
 
 
 def step_of(folder: Path) -> int:
     return int(STEP_DIR.match(folder.name).group(1))
+
+
+def commit_order(folder: Path) -> tuple[int, int]:
+    """(commit number, step): checkpoints of older formats, without a number, rank by step below all others."""
+    manifest = read_manifest(folder)
+    return (manifest_commit(manifest), step_of(folder))
+
+
+def manifest_commit(manifest: dict[str, Any] | None) -> int:
+    number = manifest.get("commit", 0) if isinstance(manifest, dict) else 0
+    return number if isinstance(number, int) else 0
+
+
+def next_commit_number(folders: list[Path]) -> int:
+    return 1 + max((manifest_commit(read_manifest(f)) for f in folders), default=0)
+
+
+def lineage_of(folder: Path) -> str | None:
+    manifest = read_manifest(folder)
+    return manifest.get("lineage") if isinstance(manifest, dict) else None
 
 
 def read_state(folder: Path) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ember.checkpoint.fence import start_attempt
-from ember.checkpoint.manager import CheckpointManager, Retention, read_state
+from ember.checkpoint.manager import CheckpointManager, Retention, lineage_of, read_state
 from ember.checkpoint.placement import expert_placement, gather_hosts
 from ember.data.cursor import merge_states
 from ember.data.loader import build_stream
@@ -193,6 +193,7 @@ class Trainer:
 
     def resume(self) -> None:
         path = self.resume_path()
+        self.checkpoints.lineage = self.lineage_after(path)
         if path is None:
             return
         state = read_state(path)
@@ -210,6 +211,14 @@ class Trainer:
             set_rng_state(torch.load(rank_file, weights_only=False)["rng"])
         self.step = state["step"]
         self.reporter.emit("resume", step=self.step, path=str(path), saved_world_size=saved_world)
+
+    def lineage_after(self, path: Path | None) -> str | None:
+        """Continue the resumed checkpoint's history when it is the newest valid commit; else (from scratch,
+        or a branch from an older checkpoint) start one, so retention never trades the new history for the old."""
+        newest = self.checkpoints.latest_valid(checksums=False) if path is not None else None
+        if newest is not None and newest.resolve() == path.resolve():
+            return lineage_of(path)
+        return self.checkpoints.attempt.id
 
     def resume_path(self) -> Path | None:
         mode = self.spec.checkpoint.resume
