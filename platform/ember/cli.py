@@ -207,20 +207,26 @@ def ckpt_list(run_dir: Annotated[Path, typer.Argument(help="Run folder (runs/<na
 
 @ckpt_app.command("verify")
 def ckpt_verify(run_dir: Annotated[Path, typer.Argument(help="Run folder (runs/<name>).")]) -> None:
-    """Verify every committed checkpoint (sizes and sha256); exit 2 if the newest is bad."""
+    """Verify every committed checkpoint (sizes and sha256); exit 2 if any is bad."""
     from ember.checkpoint.manager import CheckpointManager
+    from ember.checkpoint.manifest import verify_manifest
 
-    manager = CheckpointManager(run_dir / "checkpoints", world=None)
-    if not manager.committed():
+    folders = CheckpointManager(run_dir / "checkpoints", world=None).committed()
+    if not folders:
         raise UserError(f"{run_dir}: no committed checkpoints under {run_dir / 'checkpoints'}")
-    found = manager.latest_valid(checksums=True)
-    for folder, problems in manager.skipped:
-        errors.print(f"{folder.name}: BAD: {'; '.join(problems)}", markup=False, soft_wrap=True)
-    if manager.skipped and manager.skipped[0][0] == manager.committed()[0]:
-        newest, problems = manager.skipped[0]
-        fallback = f"; a resume would use {found.name}" if found else "; no valid checkpoint is left"
-        raise UserError(f"newest checkpoint {newest} does not verify: {problems[0]}{fallback}")
-    console.print(f"{found.name}: ok (newest, verified)", markup=False)
+    bad = {}
+    for folder in folders:  # newest commit first
+        problems = verify_manifest(folder, checksums=True)
+        if problems:
+            bad[folder] = problems
+            errors.print(f"{folder.name}: BAD: {'; '.join(problems)}", markup=False, soft_wrap=True)
+        else:
+            console.print(f"{folder.name}: ok", markup=False)
+    if bad:
+        good = [folder for folder in folders if folder not in bad]
+        fallback = f"a resume would use {good[0].name}" if good else "no valid checkpoint is left"
+        raise UserError(f"{len(bad)} of {len(folders)} checkpoints do not verify "
+                        f"({', '.join(folder.name for folder in bad)}); {fallback}")
 
 
 @ckpt_app.command("export")

@@ -84,6 +84,30 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path: P
     assert exited.value.code == 2 and "model.pt" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("manifest", ["[]", '{"step": 2}', '{"step": 2, "files": {}}', '{"files": {"x": 1}}'])
+def test_a_manifest_without_a_file_list_is_invalid_not_a_crash_or_a_pass(tmp_path, engine, manifest) -> None:
+    eng, world = engine
+    m = manager(tmp_path, world)
+    save(m, 1, eng)
+    (save(m, 2, eng) / "manifest.json").write_text(manifest)
+    assert verify_manifest(tmp_path / "checkpoints" / "step_000002")
+    assert m.latest_valid().name == "step_000001"
+
+
+def test_ckpt_verify_checks_every_checkpoint_not_only_the_newest(tmp_path, engine, capsys) -> None:
+    eng, world = engine
+    m = manager(tmp_path, world)
+    for step in (1, 2, 3):
+        save(m, step, eng)
+    truncate(tmp_path / "checkpoints" / "step_000001")
+    with pytest.raises(SystemExit) as exited:
+        main(["ckpt", "verify", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert exited.value.code == 2
+    assert "step_000001: BAD" in captured.err and "model.pt" in captured.err
+    assert "step_000003: ok" in captured.out and "step_000002: ok" in captured.out
+
+
 def test_a_leftover_tmp_folder_is_never_resumed_from(tmp_path: Path, engine) -> None:
     eng, world = engine
     m = manager(tmp_path, world)

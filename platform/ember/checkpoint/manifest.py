@@ -46,24 +46,37 @@ def write_manifest(folder: Path, facts: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest as a dict; None when it is missing, unreadable or not a JSON object."""
     try:
-        return json.loads((folder / MANIFEST).read_text())
+        manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def verify_manifest(folder: Path, checksums: bool = True) -> list[str]:
     """Problems found in a committed checkpoint; an empty list means it verifies."""
     manifest = read_manifest(folder)
     if manifest is None:
-        return [f"{folder / MANIFEST}: missing or unreadable"]
+        return [f"{folder / MANIFEST}: missing, unreadable or not a JSON object"]
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return [f"{folder / MANIFEST}: lists no files (a manifest is written only after every file)"]
     problems = []
-    for name, expected in manifest.get("files", {}).items():
-        path = folder / name
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif path.stat().st_size != expected["size"]:
-            problems.append(f"{path}: size {path.stat().st_size} != {expected['size']}")
-        elif checksums and file_sha256(path) != expected["sha256"]:
-            problems.append(f"{path}: checksum mismatch")
+    for name, expected in files.items():
+        problem = file_problem(folder / name, expected, checksums)
+        if problem:
+            problems.append(f"{folder / name}: {problem}")
     return problems
+
+
+def file_problem(path: Path, expected: Any, checksums: bool) -> str | None:
+    if not isinstance(expected, dict) or not {"size", "sha256"} <= expected.keys():
+        return "its manifest entry has no size and sha256"
+    if not path.is_file():
+        return "missing"
+    if path.stat().st_size != expected["size"]:
+        return f"size {path.stat().st_size} != {expected['size']}"
+    if checksums and file_sha256(path) != expected["sha256"]:
+        return "checksum mismatch"
+    return None
