@@ -30,12 +30,18 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_manifest(folder: Path, facts: dict[str, Any]) -> dict[str, Any]:
-    """fsync every file in `folder`, then write the manifest describing them (written last, fsynced)."""
-    files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
-        fsync_path(path)
-        files[str(path.relative_to(folder))] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+def describe_file(folder: Path, path: Path) -> tuple[str, dict[str, Any]]:
+    """fsync one file and describe it as the manifest does: (name relative to folder, size and sha256)."""
+    fsync_path(path)
+    return str(path.relative_to(folder)), {"size": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def write_manifest(folder: Path, facts: dict[str, Any], files: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the manifest (last, fsynced) describing `files`; without them, fsync and describe every file
+    in `folder` (a checkpoint one process wrote alone)."""
+    if files is None:
+        described = [describe_file(folder, p) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
+        files = dict(described)
     manifest = {"format": FORMAT_VERSION, "created": time.time(), **facts, "files": files}
     target = folder / MANIFEST
     target.write_text(json.dumps(manifest, indent=1, sort_keys=True))

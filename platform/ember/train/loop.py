@@ -67,10 +67,14 @@ class Trainer:
         facts = {"spec_hash": spec.fingerprint(), "engine": spec.engine.kind, "spec": spec.model_dump(mode="json")}
         facts["code_version"] = code_version()
         facts["placement"] = expert_placement(spec.model, world, gather_hosts(world))
-        return CheckpointManager(
+        manager = CheckpointManager(
             run_dir / "checkpoints", world, Retention(spec.checkpoint.keep_last, spec.checkpoint.keep_every), facts,
             attempt=attempt[0], run_dir=run_dir, async_save=spec.checkpoint.async_save,
+            verify_checksums=spec.checkpoint.verify_checksums,
         )
+        manager.clean_stale()
+        world.barrier()  # leftovers of dead attempts are gone (and a half-replaced step restored) before resume
+        return manager
 
     def fit(self) -> dict[str, Any]:
         self.resume()
@@ -214,18 +218,21 @@ class Trainer:
 
     def lineage_after(self, path: Path | None) -> str | None:
         """Continue the resumed checkpoint's history when it is the newest valid commit; else (from scratch,
-        or a branch from an older checkpoint) start one, so retention never trades the new history for the old."""
-        newest = self.checkpoints.latest_valid(checksums=False) if path is not None else None
-        if newest is not None and newest.resolve() == path.resolve():
+        or a branch from an older checkpoint) start one, so retention never trades the new history for the old.
+        Only rank 0 commits, so only it looks."""
+        if path is None:
+            return self.checkpoints.attempt.id
+        if self.spec.checkpoint.resume == "auto":  # the newest valid commit by definition
             return lineage_of(path)
-        return self.checkpoints.attempt.id
+        newest = self.checkpoints.latest_valid(checksums=False) if self.world.is_main else None
+        return lineage_of(path) if newest and newest.resolve() == path.resolve() else self.checkpoints.attempt.id
 
     def resume_path(self) -> Path | None:
         mode = self.spec.checkpoint.resume
         if mode == "never":
             return None
         if mode == "auto":
-            found = self.checkpoints.latest_valid(checksums=self.spec.checkpoint.verify_checksums)
+            found = self.checkpoints.agreed_latest_valid()
             for folder, problems in self.checkpoints.skipped:
                 self.reporter.emit("skipped_checkpoint", path=str(folder), problem=problems[0])
             return found
