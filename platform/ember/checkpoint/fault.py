@@ -43,7 +43,8 @@ class Fault:
 
 def parse_fault(text: str) -> Fault:
     spec, _, once = text.partition("@")
-    point, rank, step, action = ([*spec.split(":"), "*", "*", "kill"])[:4]
+    given = spec.split(":")
+    point, rank, step, action = given + ["", "*", "*", "kill"][len(given):]
     if point not in POINTS or action not in ACTIONS:
         raise ValueError(f"{ENV}={text}: point must be one of {', '.join(POINTS)}; action one of {ACTIONS}")
     number = lambda value: None if value == "*" else int(value)  # noqa: E731
