@@ -98,12 +98,20 @@ def resume(
     world_size: Annotated[int | None, typer.Option("--world-size", min=1, help="Workers for the new run.")] = None,
     check: Annotated[bool, typer.Option("--check", help="Only print what would happen.")] = False,
     set_: SetOpt = None,
+    allow_spec_change: Annotated[list[str] | None, typer.Option(
+        "--allow-spec-change", help="A spec field (e.g. model.n_heads) the resume may change though it changes "
+        "what the model computes. Repeatable.",
+    )] = None,
 ) -> None:
-    """Continue a run from its newest valid checkpoint, optionally on another number of workers."""
+    """Continue a run from its newest valid checkpoint, optionally on another number of workers. A spec change
+    that changes what the model computes (shape, MoE routing, data sources) is refused (exit 2) unless allowed."""
     from ember.train.resume import plan_resume
 
-    plan = plan_resume(run_dir, world_size, set_)
+    allowed = [f"checkpoint.allow_spec_change={json.dumps(allow_spec_change)}"] if allow_spec_change else []
+    plan = plan_resume(run_dir, world_size, [*(set_ or []), *allowed])
     console.print(plan.describe(), markup=False, highlight=False, soft_wrap=True)
+    if plan.refused:
+        raise UserError(f"{run_dir}: resume refused: {', '.join(plan.refused)} changed (see above)")
     if not check:
         _train(plan.spec, verbose=False, label=str(run_dir))
 

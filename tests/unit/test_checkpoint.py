@@ -14,10 +14,10 @@ import torch
 
 from ember.checkpoint.fence import start_attempt
 from ember.checkpoint.manager import CheckpointManager, Retention, read_state
-from ember.checkpoint.manifest import verify_manifest
+from ember.checkpoint.manifest import read_manifest, verify_manifest
 from ember.cli import main
 from ember.engines import build_engine
-from ember.errors import InternalError
+from ember.errors import InternalError, UserError
 from ember.models import build_model
 from ember.spec import JobSpec
 from ember.world import local_world
@@ -208,7 +208,8 @@ def test_kill_9_during_a_save_leaves_no_committed_partial_checkpoint(tmp_path: P
     assert list(root.glob("*.tmp"))  # the interrupted save stays an uncommitted .tmp
 
 
-def test_resume_check_reports_checkpoint_reshard_and_spec_changes(tmp_path: Path, engine, capsys) -> None:
+def saved_run(tmp_path: Path, engine) -> None:
+    """A run folder whose checkpoint records the spec that saved it, as `ember run` leaves it."""
     from ember.train.launch import prepare_run_dir
 
     eng, world = engine
@@ -221,6 +222,38 @@ def test_resume_check_reports_checkpoint_reshard_and_spec_changes(tmp_path: Path
     facts = {"spec": spec.model_dump(mode="json")}
     m = CheckpointManager(tmp_path / "checkpoints", world, facts=facts, run_dir=tmp_path)
     save(m, 5, eng)
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ("model.n_heads=4", "model.n_heads"),  # same tensor shapes, another function
+    ("model.moe={num_experts: 2, top_k: 2}", "model.moe"),  # MoE routing
+    ("data.train.urls=/elsewhere/shard.tar", "data.train.urls"),  # another data source
+])
+def test_resume_refuses_a_spec_change_that_changes_the_function(tmp_path, engine, capsys, change, field) -> None:
+    saved_run(tmp_path, engine)
+    with pytest.raises(SystemExit) as exited:
+        main(["resume", str(tmp_path), "--check", "--set", change])
+    captured = capsys.readouterr()
+    assert exited.value.code == 2 and f"refused: {field}" in captured.out and "resume refused" in captured.err
+    with pytest.raises(SystemExit) as exited:
+        main(["resume", str(tmp_path), "--check", "--set", change, "--allow-spec-change", field])
+    assert exited.value.code in (0, None) and "refused" not in capsys.readouterr().out
+
+
+def test_a_training_resume_refuses_a_function_change_too(tmp_path, engine) -> None:
+    from ember.train.resume import check_spec_compatible
+
+    saved_run(tmp_path, engine)
+    checkpoint = tmp_path / "checkpoints" / "step_000005"
+    spec = JobSpec.load(tmp_path / "spec.yaml", ["model.n_heads=4"])
+    with pytest.raises(UserError, match="changed model.n_heads.*--allow-spec-change model.n_heads"):
+        check_spec_compatible(checkpoint, read_manifest(checkpoint)["spec"], spec)
+    allowed = JobSpec.load(tmp_path / "spec.yaml", ["model.n_heads=4", "checkpoint.allow_spec_change=[model.n_heads]"])
+    check_spec_compatible(checkpoint, read_manifest(checkpoint)["spec"], allowed)
+
+
+def test_resume_check_reports_checkpoint_reshard_and_spec_changes(tmp_path: Path, engine, capsys) -> None:
+    saved_run(tmp_path, engine)
     with pytest.raises(SystemExit) as exited:
         main(["resume", str(tmp_path), "--world-size", "8", "--check"])
     out = capsys.readouterr().out

@@ -17,3 +17,8 @@ class CheckpointSpec(Section):
         "auto",
         description="auto = continue from the newest valid checkpoint of the run; never; or a checkpoint folder.",
     )
+    allow_spec_change: list[str] = Field(
+        [],
+        description="Spec fields (dotted, e.g. model.n_heads) a resume may change although they change what the model "
+        "computes; without them such a resume is refused.",
+    )

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from ember.checkpoint.fence import start_attempt
 from ember.checkpoint.manager import CheckpointManager, Retention, lineage_of, read_state
+from ember.checkpoint.manifest import read_manifest
 from ember.checkpoint.placement import expert_placement, gather_hosts
 from ember.data.cursor import merge_states
 from ember.data.loader import build_stream
@@ -24,6 +25,7 @@ from ember.observe.tensorboard import TensorBoardLogger
 from ember.spec import JobSpec
 from ember.train.objectives.base import build_objective
 from ember.train.preemption import PreemptionWatch
+from ember.train.resume import check_spec_compatible
 from ember.world import World, world_from_env
 
 
@@ -200,6 +202,7 @@ class Trainer:
         self.checkpoints.lineage = self.lineage_after(path)
         if path is None:
             return
+        check_spec_compatible(path, (read_manifest(path) or {}).get("spec", {}), self.spec)
         state = read_state(path)
         saved_world = state["world_size"]
         if saved_world != self.world.world_size and not self.objective.parts.reshards_on_load:
