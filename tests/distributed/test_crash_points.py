@@ -177,3 +177,69 @@ def test_a_kill_at_each_save_point_loses_nothing_and_resumes_bitwise(reference, 
     assert resumed_steps(run_dir)[-1] == after[0]  # the newest committed checkpoint is the one resumed from
     assert_bitwise_equal(torch.load(run_dir / "final.pt"), reference)
     assert committed_steps(run_dir)[:KEEP_LAST] == [TOTAL, TOTAL - EVERY]
+
+
+def start_rank(rank: int, port: int, run_dir: Path, async_save: bool) -> CheckpointManager:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
+                            timeout=timedelta(seconds=60))
+    world = World(rank, WORLD_SIZE, rank, torch.device("cpu"), "gloo")
+    return CheckpointManager(run_dir / "checkpoints", world, run_dir=run_dir, async_save=async_save)
+
+
+def save_and_record(rank: int, port: int, run_dir: str, async_save: bool, private_run_dir: bool) -> None:
+    """Save step 1 and record how long until this rank learnt how it went; rank 1's state cannot be pickled
+    in an async save, and with `private_run_dir` rank 1 sees a run folder of its own (storage not shared)."""
+    run_dir = Path(run_dir)
+    if private_run_dir and rank == 1:
+        hide_run_dir(run_dir)
+    manager = start_rank(rank, port, run_dir, async_save)
+    rank_state = {"rng": torch.get_rng_state(), "hook": (lambda: 0) if async_save and rank == 1 else None}
+    started, outcome = time.monotonic(), "committed"
+    try:
+        manager.save(1, TinyEngine(manager.world), {"world_size": WORLD_SIZE}, rank_state)
+        manager.wait()
+    except Exception as exc:  # noqa: BLE001 - the outcome is what this test records
+        outcome = f"{type(exc).__name__}: {exc}"
+    (run_dir.parent / f"outcome{rank}.json").write_text(json.dumps([outcome, time.monotonic() - started]))
+    dist.destroy_process_group()
+
+
+def hide_run_dir(run_dir: Path) -> None:
+    """A mount namespace of this process only, with an empty tmpfs over the run folder: another host's disk."""
+    import ctypes
+    import subprocess
+
+    if ctypes.CDLL(None, use_errno=True).unshare(0x00020000) != 0:  # CLONE_NEWNS
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(run_dir)], check=True)
+
+
+def outcomes(run_dir: Path, async_save: bool, private_run_dir: bool) -> list[tuple[str, float]]:
+    run_dir.mkdir(parents=True)
+    port = free_port()
+    ranks = [FORKSERVER.Process(target=save_and_record, args=(rank, port, str(run_dir), async_save, private_run_dir))
+             for rank in range(WORLD_SIZE)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=120)
+    assert [process.exitcode for process in ranks] == [0, 0]
+    return [tuple(json.loads((run_dir.parent / f"outcome{rank}.json").read_text())) for rank in range(WORLD_SIZE)]
+
+
+def test_a_failed_write_on_another_rank_fails_the_async_save_within_seconds(tmp_path: Path) -> None:
+    (rank0, seconds), (rank1, _) = outcomes(tmp_path / "run", async_save=True, private_run_dir=False)
+    assert "rank 1 on" in rank0 and "could not write its checkpoint files" in rank0 and seconds < 10
+    assert "pickle" in rank1.lower() or "lambda" in rank1
+    assert CheckpointManager(tmp_path / "run" / "checkpoints", world=None).committed() == []
+
+
+def test_a_run_dir_that_is_not_shared_fails_the_save_at_once_on_every_rank(tmp_path: Path) -> None:
+    if os.geteuid() != 0 and os.environ.get("CI") != "true":
+        pytest.skip("a private mount namespace needs root")
+    results = outcomes(tmp_path / "run", async_save=False, private_run_dir=True)
+    for outcome, seconds in results:
+        assert outcome.startswith("UserError") and "rank 1 on" in outcome and "storage every host" in outcome
+        assert seconds < 10
