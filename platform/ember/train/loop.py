@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ember.checkpoint.fault import fault_point
 from ember.checkpoint.fence import start_attempt
 from ember.checkpoint.manager import CheckpointManager, Retention, lineage_of, read_state
 from ember.checkpoint.manifest import read_manifest
@@ -110,6 +111,7 @@ class Trainer:
             saved = self.step % self.spec.checkpoint.every_n_steps == 0 or self.step == total
             if saved:
                 self.save()
+            fault_point("step_end", self.world.rank, self.step)  # tests kill, pause or preempt a rank here
             if self.step < total and self.preemption.should_stop():
                 if not saved:
                     self.save()
