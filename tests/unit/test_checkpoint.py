@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -174,38 +173,46 @@ from pathlib import Path
 from ember.checkpoint.manager import CheckpointManager
 from ember.world import local_world
 
-class BigEngine:  # enough bytes that a save takes a while
+class BigEngine:
     def save(self, folder):
-        for i in range(8):
-            torch.save(torch.full((2_000_000,), float(i)), folder / f"part{i}.pt")
+        for i in range(4):
+            torch.save(torch.full((1000,), float(i)), folder / f"part{i}.pt")
 
-world = local_world()
-manager = CheckpointManager(Path(sys.argv[1]), world)
-step = 0
-while True:
-    step += 1
+manager = CheckpointManager(Path(sys.argv[1]), local_world())
+for step in (1, 2):
     manager.save(step, BigEngine(), {"world_size": 1}, {})
-    print(step, flush=True)
 """
 
 
 def test_kill_9_during_a_save_leaves_no_committed_partial_checkpoint(tmp_path: Path) -> None:
     root = tmp_path / "checkpoints"
-    saver = subprocess.Popen([sys.executable, "-c", SAVER, str(root)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert saver.stdout.readline().strip() == "1"  # one commit done
-        deadline = time.monotonic() + 60
-        while not any(p.suffix == ".tmp" and any(p.rglob("*.pt")) for p in root.glob("*")):
-            assert time.monotonic() < deadline, "the second save never started"
-            time.sleep(0.005)
-        os.kill(saver.pid, signal.SIGKILL)
-    finally:
-        saver.kill()
-        saver.wait()
+    env = {**os.environ, "EMBER_FAULT": "after_rank_files:0:2"}  # step 2's files written, nothing reported
+    saver = subprocess.run([sys.executable, "-c", SAVER, str(root)], env=env, timeout=120)
+    assert saver.returncode == -signal.SIGKILL
     m = CheckpointManager(root, world=None)
-    assert all(verify_manifest(folder) == [] for folder in m.committed())
-    assert m.latest_valid() is not None
-    assert list(root.glob("*.tmp"))  # the interrupted save stays an uncommitted .tmp
+    assert [p.name for p in m.committed()] == ["step_000001"] and verify_manifest(root / "step_000001") == []
+    assert list(root.glob("step_000002.*.tmp"))  # the interrupted save stays an uncommitted .tmp
+
+
+def test_a_run_restarted_below_a_corrupt_newest_checkpoint_keeps_its_own(tmp_path, tiny_stdlib_shards) -> None:
+    """The issue's user flow: keep_last 1, the newest checkpoint (30) truncated, the same job run again to
+    step 25: it trains from scratch and its commits 10, 20, 25 must not be retired in favour of step 30."""
+    from ember.train.loop import train_worker
+
+    local_world()
+    spec = JobSpec.load(Path(__file__).resolve().parents[2] / "jobs" / "debug" / "tiny-dense.yaml", [
+        f"run_dir={tmp_path}", f"data.train.urls={tiny_stdlib_shards}/train-{{000000..000003}}.tar", "data.val=null",
+        "data.build=null", "model.d_model=16", "model.n_layers=1", "schedule.micro_batch=2", "schedule.global_batch=2",
+        "cluster.num_workers=1", "checkpoint.every_n_steps=10", "checkpoint.keep_last=1", "logging.sample_every=0",
+        "logging.sample_tokens=0", "schedule.steps=30",
+    ])
+    train_worker({"spec": spec.model_dump(mode="json"), "run_dir": str(tmp_path)})
+    truncate(tmp_path / "checkpoints" / "step_000030")
+    rerun = spec.model_copy(update={"schedule": spec.schedule.model_copy(update={"steps": 25})})
+    train_worker({"spec": rerun.model_dump(mode="json"), "run_dir": str(tmp_path)})
+    m = CheckpointManager(tmp_path / "checkpoints", world=None)
+    assert [p.name for p in m.committed()] == ["step_000025", "step_000030"]
+    assert m.latest_valid().name == "step_000025"
 
 
 def saved_run(tmp_path: Path, engine) -> None:
