@@ -50,7 +50,7 @@ class SaveLayout:
 
     @property
     def tmp(self) -> Path:
-        return self.root / f"step_{self.step:06d}.{self.tag}.tmp"
+        return tmp_folder(self.root, self.step, self.tag)
 
     @property
     def final(self) -> Path:
@@ -61,6 +61,11 @@ class SaveLayout:
 
     def aside(self, folder: Path, kind: str) -> Path:
         return folder.with_name(f"{folder.name}.{self.tag}.{kind}")
+
+
+def tmp_folder(root: Path, step: int, tag: str) -> Path:
+    """Where one attempt gathers the files of one step's checkpoint before the commit."""
+    return root / f"step_{step:06d}.{tag}.tmp"
 
 
 def storage_message(path: Path, exc: OSError) -> str:

@@ -136,7 +136,8 @@ class CheckpointManager:
 
     def _layout(self, step: int) -> protocol.SaveLayout:
         rank = self.world.rank
-        tmp = protocol.SaveLayout(self.root, step, self.tag, rank, Path()).tmp
+        # Sync: a private folder inside the .tmp folder (moving a file there is a rename). Async: /dev/shm.
+        tmp = protocol.tmp_folder(self.root, step, self.tag)
         staged = self._staging_base() / self.tag / f"step_{step:06d}" if self.async_save else tmp
         return protocol.SaveLayout(self.root, step, self.tag, rank, staged / f".rank_{rank:05d}")
 
