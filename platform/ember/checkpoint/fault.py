@@ -47,8 +47,11 @@ def parse_fault(text: str) -> Fault:
     point, rank, step, action = given + ["", "*", "*", "kill"][len(given):]
     if point not in POINTS or action not in ACTIONS:
         raise ValueError(f"{ENV}={text}: point must be one of {', '.join(POINTS)}; action one of {ACTIONS}")
-    number = lambda value: None if value == "*" else int(value)  # noqa: E731
-    return Fault(point, number(rank), number(step), action, Path(once) if once else None)
+    return Fault(point, any_or_number(rank), any_or_number(step), action, Path(once) if once else None)
+
+
+def any_or_number(value: str) -> int | None:
+    return None if value == "*" else int(value)
 
 
 @functools.cache
