@@ -120,12 +120,20 @@ def resume(
     world_size: Annotated[int | None, typer.Option("--world-size", min=1, help="Workers for the new run.")] = None,
     check: Annotated[bool, typer.Option("--check", help="Only print what would happen.")] = False,
     set_: SetOpt = None,
+    allow_spec_change: Annotated[list[str] | None, typer.Option(
+        "--allow-spec-change", help="A spec field (e.g. model.n_heads) the resume may change though it changes "
+        "what the model computes. Repeatable.",
+    )] = None,
 ) -> None:
-    """Continue a run from its newest valid checkpoint, optionally on another number of workers."""
+    """Continue a run from its newest valid checkpoint, optionally on another number of workers. A spec change
+    that changes what the model computes (shape, MoE routing, data sources) is refused (exit 2) unless allowed."""
     from ember.train.resume import plan_resume
 
-    plan = plan_resume(run_dir, world_size, set_)
+    allowed = [f"checkpoint.allow_spec_change={json.dumps(allow_spec_change)}"] if allow_spec_change else []
+    plan = plan_resume(run_dir, world_size, [*(set_ or []), *allowed])
     console.print(plan.describe(), markup=False, highlight=False, soft_wrap=True)
+    if plan.refused:
+        raise UserError(f"{run_dir}: resume refused: {', '.join(plan.refused)} changed (see above)")
     if not check:
         _train(plan.spec, verbose=False, label=str(run_dir))
 
@@ -229,20 +237,26 @@ def ckpt_list(run_dir: Annotated[Path, typer.Argument(help="Run folder (runs/<na
 
 @ckpt_app.command("verify")
 def ckpt_verify(run_dir: Annotated[Path, typer.Argument(help="Run folder (runs/<name>).")]) -> None:
-    """Verify every committed checkpoint (sizes and sha256); exit 2 if the newest is bad."""
+    """Verify every committed checkpoint (sizes and sha256); exit 2 if any is bad."""
     from ember.checkpoint.manager import CheckpointManager
+    from ember.checkpoint.manifest import verify_manifest
 
-    manager = CheckpointManager(run_dir / "checkpoints", world=None)
-    if not manager.committed():
+    folders = CheckpointManager(run_dir / "checkpoints", world=None).committed()
+    if not folders:
         raise UserError(f"{run_dir}: no committed checkpoints under {run_dir / 'checkpoints'}")
-    found = manager.latest_valid(checksums=True)
-    for folder, problems in manager.skipped:
-        errors.print(f"{folder.name}: BAD: {'; '.join(problems)}", markup=False, soft_wrap=True)
-    if manager.skipped and manager.skipped[0][0] == manager.committed()[0]:
-        newest, problems = manager.skipped[0]
-        fallback = f"; a resume would use {found.name}" if found else "; no valid checkpoint is left"
-        raise UserError(f"newest checkpoint {newest} does not verify: {problems[0]}{fallback}")
-    console.print(f"{found.name}: ok (newest, verified)", markup=False)
+    bad = {}
+    for folder in folders:  # newest commit first
+        problems = verify_manifest(folder, checksums=True)
+        if problems:
+            bad[folder] = problems
+            errors.print(f"{folder.name}: BAD: {'; '.join(problems)}", markup=False, soft_wrap=True)
+        else:
+            console.print(f"{folder.name}: ok", markup=False)
+    if bad:
+        good = [folder for folder in folders if folder not in bad]
+        fallback = f"a resume would use {good[0].name}" if good else "no valid checkpoint is left"
+        raise UserError(f"{len(bad)} of {len(folders)} checkpoints do not verify "
+                        f"({', '.join(folder.name for folder in bad)}); {fallback}")
 
 
 @ckpt_app.command("export")

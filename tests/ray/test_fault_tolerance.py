@@ -1,4 +1,8 @@
-"""Real faults on a real local Ray: kill -9 of a worker, SIGTERM to the driver, Ctrl-C. Resumes are bitwise exact."""
+"""Real faults on a real local Ray: kill -9 of a worker, SIGTERM to the driver, Ctrl-C. Resumes are bitwise exact.
+
+Faults happen at named steps (EMBER_FAULT, checkpoint/fault.py): a worker kills itself at a step's end, or
+pauses there while the test signals the driver, so no test races the ~25 ms steps.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from safetensors.torch import load_file
 
@@ -47,17 +50,26 @@ def assert_bitwise_equal(left: dict, right: dict) -> None:
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
+def with_fault(fault: str) -> dict[str, str]:
+    return {**os.environ, "EMBER_FAULT": fault}
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
-    events = run_dir / "events.jsonl"
-    while time.monotonic() < deadline:
+    while not path.exists():
         assert process.poll() is None, process.communicate()
-        if events.exists():
-            steps = [json.loads(line).get("step", 0) for line in events.read_text().splitlines() if line.strip()]
-            if steps and max(steps) >= step:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"step {step} not reached")
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def signal_while_paused(run_dir: Path, marker: Path, process: subprocess.Popen, send) -> str:
+    """Rank 0 is paused at the end of step 8: signal the driver, wait for its request, then let rank 0 go."""
+    wait_for(Path(f"{marker}.paused"), process)
+    send()
+    wait_for(run_dir / "PREEMPT", process)
+    Path(f"{marker}.go").touch()
+    output, _ = process.communicate(timeout=300)
+    return output
 
 
 @pytest.fixture(scope="module")
@@ -68,57 +80,46 @@ def uninterrupted(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 
 def test_kill_9_of_a_worker_restarts_and_ends_bitwise_equal(shards, uninterrupted, tmp_path: Path) -> None:
-    run_dir = tmp_path / "killed"
-    process = subprocess.Popen(command(run_dir, shards, "cluster.max_failures=2"), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for_step(run_dir, 9, process)  # past the step-6 checkpoint
-        workers = [p for p in psutil.Process(process.pid).children(recursive=True)
-                   if "RayTrainWorker" in " ".join(p.cmdline())]
-        assert len(workers) == 2
-        os.kill(workers[1].pid, signal.SIGKILL)
-        output, _ = process.communicate(timeout=600)
-    finally:
-        process.kill()
-    assert process.returncode == 0, output
-    assert "resuming from" in output
+    run_dir, fired = tmp_path / "killed", tmp_path / "fired"
+    fault = with_fault(f"step_end:1:9:kill@{fired}")  # rank 1, past the step-6 checkpoint; once, not after restart
+    result = subprocess.run(command(run_dir, shards, "cluster.max_failures=2"), capture_output=True, text=True,
+                            env=fault, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert fired.exists() and "resuming from" in output
     assert_bitwise_equal(final_weights(run_dir, tmp_path), uninterrupted)
 
 
 def test_sigterm_to_the_driver_checkpoints_exits_75_and_resumes_exactly(shards, uninterrupted, tmp_path) -> None:
-    run_dir = tmp_path / "preempted"
-    process = subprocess.Popen(command(run_dir, shards), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir, marker = tmp_path / "preempted", tmp_path / "pause"
+    process = subprocess.Popen(command(run_dir, shards), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=with_fault(f"step_end:0:8:pause@{marker}"))
     try:
-        wait_for_step(run_dir, 8, process)
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=300)
+        output = signal_while_paused(run_dir, marker, process, lambda: process.send_signal(signal.SIGTERM))
     finally:
         process.kill()
     assert process.returncode == RESUMABLE_EXIT_CODE, output
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    preempted_at = next(e["step"] for e in events if e["kind"] == "preempted")
-    assert 8 <= preempted_at < STEPS
-    assert any(e["kind"] == "checkpoint" and e["step"] == preempted_at for e in events)
+    assert [e["step"] for e in events if e["kind"] == "preempted"] == [8]
+    assert any(e["kind"] == "checkpoint" and e["step"] == 8 for e in events)
     resumed = subprocess.run(command(run_dir, shards), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert f"(step {preempted_at})" in resumed.stdout
+    assert "(step 8)" in resumed.stdout
     assert_bitwise_equal(final_weights(run_dir, tmp_path), uninterrupted)
 
 
 def test_ctrl_c_checkpoints_at_the_next_step_and_exits_75(shards, tmp_path: Path) -> None:
     """Ctrl-C as a terminal sends it: SIGINT to the whole process group (driver, Ray, workers)."""
-    run_dir = tmp_path / "interrupted"
+    run_dir, marker = tmp_path / "interrupted", tmp_path / "pause"
     process = subprocess.Popen(command(run_dir, shards), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+                               start_new_session=True, env=with_fault(f"step_end:0:8:pause@{marker}"))
     try:
-        wait_for_step(run_dir, 8, process)
-        os.killpg(process.pid, signal.SIGINT)
-        output, _ = process.communicate(timeout=300)
+        output = signal_while_paused(run_dir, marker, process, lambda: os.killpg(process.pid, signal.SIGINT))
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == RESUMABLE_EXIT_CODE, output
     assert "Ctrl-C: checkpointing at the next step boundary" in output and "Traceback" not in output
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    stopped_at = next(e["step"] for e in events if e["kind"] == "preempted")
-    assert 8 <= stopped_at < STEPS and (run_dir / "checkpoints" / f"step_{stopped_at:06d}" / "manifest.json").is_file()
+    assert [e["step"] for e in events if e["kind"] == "preempted"] == [8]
+    assert (run_dir / "checkpoints" / "step_000008" / "manifest.json").is_file()

@@ -25,7 +25,7 @@ _pending: ContextVar[list[tuple[Any, Path]] | None] = ContextVar("ember_deferred
 def save_file(obj: Any, path: Path) -> None:
     pending = _pending.get()
     if pending is None:
-        torch.save(obj, path)
+        write_torch_file(obj, path)
     else:
         pending.append((snapshot(obj, {}), Path(path)))
 
@@ -53,12 +53,20 @@ def snapshot(obj: Any, memo: dict[int, Any]) -> Any:
     return obj  # numbers, strings, RNG byte states, namedtuples of those: immutable enough
 
 
-def write_pending(pending: list[tuple[Any, Path]], staged_root: Path, final_root: Path) -> None:
+def write_pending(pending: list[tuple[Any, Path]], staged_root: Path, final_root: Path) -> list[Path]:
     """Serialise recorded writes, redirected from the staging folder to the checkpoint's .tmp folder."""
+    written = []
     for obj, path in pending:
         target = final_root / path.relative_to(staged_root)
         target.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(obj, target)
+        write_torch_file(obj, target)
+        written.append(target)
+    return written
+
+
+def write_torch_file(obj: Any, path: Path) -> None:
+    with open(path, "wb") as handle:  # through Python, so a full disk surfaces as the OSError behind it
+        torch.save(obj, handle)
 
 
 def load_file(path: Path, where: str = "the checkpoint", mmap: bool = False) -> Any:

@@ -30,12 +30,18 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_manifest(folder: Path, facts: dict[str, Any]) -> dict[str, Any]:
-    """fsync every file in `folder`, then write the manifest describing them (written last, fsynced)."""
-    files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
-        fsync_path(path)
-        files[str(path.relative_to(folder))] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+def describe_file(folder: Path, path: Path) -> tuple[str, dict[str, Any]]:
+    """fsync one file and describe it as the manifest does: (name relative to folder, size and sha256)."""
+    fsync_path(path)
+    return str(path.relative_to(folder)), {"size": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def write_manifest(folder: Path, facts: dict[str, Any], files: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the manifest (last, fsynced) describing `files`; without them, fsync and describe every file
+    in `folder` (a checkpoint one process wrote alone)."""
+    if files is None:
+        described = [describe_file(folder, p) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
+        files = dict(described)
     manifest = {"format": FORMAT_VERSION, "created": time.time(), **facts, "files": files}
     target = folder / MANIFEST
     target.write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -46,24 +52,37 @@ def write_manifest(folder: Path, facts: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest as a dict; None when it is missing, unreadable or not a JSON object."""
     try:
-        return json.loads((folder / MANIFEST).read_text())
+        manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def verify_manifest(folder: Path, checksums: bool = True) -> list[str]:
     """Problems found in a committed checkpoint; an empty list means it verifies."""
     manifest = read_manifest(folder)
     if manifest is None:
-        return [f"{folder / MANIFEST}: missing or unreadable"]
+        return [f"{folder / MANIFEST}: missing, unreadable or not a JSON object"]
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return [f"{folder / MANIFEST}: lists no files (a manifest is written only after every file)"]
     problems = []
-    for name, expected in manifest.get("files", {}).items():
-        path = folder / name
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif path.stat().st_size != expected["size"]:
-            problems.append(f"{path}: size {path.stat().st_size} != {expected['size']}")
-        elif checksums and file_sha256(path) != expected["sha256"]:
-            problems.append(f"{path}: checksum mismatch")
+    for name, expected in files.items():
+        problem = file_problem(folder / name, expected, checksums)
+        if problem:
+            problems.append(f"{folder / name}: {problem}")
     return problems
+
+
+def file_problem(path: Path, expected: Any, checksums: bool) -> str | None:
+    if not isinstance(expected, dict) or not {"size", "sha256"} <= expected.keys():
+        return "its manifest entry has no size and sha256"
+    if not path.is_file():
+        return "missing"
+    if path.stat().st_size != expected["size"]:
+        return f"size {path.stat().st_size} != {expected['size']}"
+    if checksums and file_sha256(path) != expected["sha256"]:
+        return "checksum mismatch"
+    return None

@@ -23,6 +23,11 @@ class CheckpointSpec(Section):
         description="auto = continue from the newest valid checkpoint of the run; never; a step number (the run's "
         "own checkpoint of that step); or a checkpoint folder (a path with a /, relative to the spec file).",
     )
+    allow_spec_change: list[str] = Field(
+        [],
+        description="Spec fields (dotted, e.g. model.n_heads) a resume may change although they change what the model "
+        "computes; without them such a resume is refused.",
+    )
 
     @field_validator("resume", mode="before")
     @classmethod

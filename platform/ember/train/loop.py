@@ -12,8 +12,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ember.checkpoint.fault import fault_point
 from ember.checkpoint.fence import start_attempt
-from ember.checkpoint.manager import CheckpointManager, Retention, read_state
+from ember.checkpoint.manager import CheckpointManager, Retention, lineage_of, read_state
+from ember.checkpoint.manifest import read_manifest
 from ember.data.cursor import merge_states
 from ember.data.loader import build_stream
 from ember.errors import UserError
@@ -25,6 +27,7 @@ from ember.observe.tensorboard import TensorBoardLogger
 from ember.spec import JobSpec
 from ember.train.objectives.base import build_objective
 from ember.train.preemption import PreemptionWatch
+from ember.train.resume import check_spec_compatible
 from ember.world import ExpertPlacement, World, gather_hosts, world_from_env
 
 
@@ -76,10 +79,14 @@ class Trainer:
         facts = {"spec_hash": spec.fingerprint(), "engine": spec.engine.kind, "spec": spec.model_dump(mode="json")}
         facts["code_version"] = code_version()
         facts["placement"] = placement_record(spec, self.placement)
-        return CheckpointManager(
+        manager = CheckpointManager(
             run_dir / "checkpoints", world, Retention(spec.checkpoint.keep_last, spec.checkpoint.keep_every), facts,
             attempt=attempt[0], run_dir=run_dir, async_save=spec.checkpoint.async_save,
+            verify_checksums=spec.checkpoint.verify_checksums,
         )
+        manager.clean_stale()
+        world.barrier()  # leftovers of dead attempts are gone (and a half-replaced step restored) before resume
+        return manager
 
     def fit(self) -> dict[str, Any]:
         self.resume()
@@ -115,6 +122,7 @@ class Trainer:
             saved = self.step % self.spec.checkpoint.every_n_steps == 0 or self.step == total
             if saved:
                 self.save()
+            fault_point("step_end", self.world.rank, self.step)  # tests kill, pause or preempt a rank here
             if self.step < total and self.preemption.should_stop():
                 if not saved:
                     self.save()
@@ -220,8 +228,10 @@ class Trainer:
 
     def resume(self) -> None:
         path = self.resume_path()
+        self.checkpoints.lineage = self.lineage_after(path)
         if path is None:
             return
+        check_spec_compatible(path, (read_manifest(path) or {}).get("spec", {}), self.spec)
         state = read_state(path)
         saved_world = state["world_size"]
         if saved_world != self.world.world_size and not self.objective.parts.reshards_on_load:
@@ -238,12 +248,23 @@ class Trainer:
         self.step = state["step"]
         self.reporter.emit("resume", step=self.step, path=str(path), saved_world_size=saved_world)
 
+    def lineage_after(self, path: Path | None) -> str | None:
+        """Continue the resumed checkpoint's history when it is the newest valid commit; else (from scratch,
+        or a branch from an older checkpoint) start one, so retention never trades the new history for the old.
+        Only rank 0 commits, so only it looks."""
+        if path is None:
+            return self.checkpoints.attempt.id
+        if self.spec.checkpoint.resume == "auto":  # the newest valid commit by definition
+            return lineage_of(path)
+        newest = self.checkpoints.latest_valid(checksums=False) if self.world.is_main else None
+        return lineage_of(path) if newest and newest.resolve() == path.resolve() else self.checkpoints.attempt.id
+
     def resume_path(self) -> Path | None:
         mode = self.spec.checkpoint.resume
         if mode == "never":
             return None
         if mode == "auto":
-            found = self.checkpoints.latest_valid(checksums=self.spec.checkpoint.verify_checksums)
+            found = self.checkpoints.agreed_latest_valid()
             for folder, problems in self.checkpoints.skipped:
                 self.reporter.emit("skipped_checkpoint", path=str(folder), problem=problems[0])
             return found

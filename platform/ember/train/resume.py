@@ -1,7 +1,10 @@
 """`ember resume`: continue a run from its folder, optionally on another number of workers.
 
 `--check` only says what would happen: which checkpoint, how the spec differs from the one that saved
-it, and whether the engine state is resharded for a new world size.
+it, and whether the engine state is resharded for a new world size. A change of a field that changes what
+the model computes (shape, MoE routing, data sources) is refused - here and in every resume of a run -
+unless `checkpoint.allow_spec_change` (`--allow-spec-change`) names it: tensors of the same shape would
+load without a word into a different function.
 """
 
 from __future__ import annotations
@@ -15,6 +18,14 @@ from ember.checkpoint.manifest import read_manifest
 from ember.errors import UserError
 from ember.spec import JobSpec
 
+# Fields whose change continues another function from the saved weights (everything under them counts) ...
+FUNCTION_FIELDS = ("model", "data.train", "data.sources", "data.decode", "data.image_tokens")
+# ... except these: a layout the engine reshards on load, or knobs of memory use, evaluation and sampling.
+HARMLESS_FIELDS = (
+    "model.moe.ep_size", "model.activation_checkpointing", "model.moe.eval_capacity_factor", "model.sampler",
+    "model.sample_steps", "model.guidance",
+)
+
 
 @dataclass
 class ResumePlan:
@@ -24,6 +35,7 @@ class ResumePlan:
     saved_world_size: int | None
     skipped: list[tuple[Path, list[str]]]
     spec_changes: list[str]
+    refused: list[str]  # dotted fields whose change the resume refuses
 
     @property
     def reshards(self) -> bool:
@@ -46,6 +58,8 @@ class ResumePlan:
         else:
             lines.append(f"world size {world}: unchanged")
         lines += [f"spec change: {change}" for change in self.spec_changes] or ["spec: unchanged"]
+        lines += [f"refused: {field} changes what the model computes; --allow-spec-change {field} accepts it"
+                  for field in self.refused]
         return "\n".join(lines)
 
 
@@ -62,11 +76,35 @@ def plan_resume(run_dir: Path, world_size: int | None = None, overrides: list[st
     manager = CheckpointManager(run_dir / "checkpoints", world=None)
     found = manager.latest_valid(checksums=spec.checkpoint.verify_checksums)
     manifest = read_manifest(found) if found else None
+    saved_spec = manifest.get("spec", {}) if manifest else {}
     return ResumePlan(
         spec=spec, checkpoint=found, step=manifest["step"] if manifest else 0,
         saved_world_size=manifest["world_size"] if manifest else None, skipped=manager.skipped,
-        spec_changes=diff_specs(manifest["spec"], spec.model_dump(mode="json")) if manifest else [],
+        spec_changes=diff_specs(saved_spec, spec.model_dump(mode="json")), refused=refused_changes(saved_spec, spec),
     )
+
+
+def refused_changes(saved_spec: dict[str, Any], spec: JobSpec) -> list[str]:
+    """Fields that change what the model computes, changed since the checkpoint and not allowed by the spec."""
+    allowed = spec.checkpoint.allow_spec_change
+    changed = [path for path, _, _ in spec_differences(saved_spec, spec.model_dump(mode="json"))] if saved_spec else []
+    return [path for path in changed if under(path, FUNCTION_FIELDS) and not under(path, (*HARMLESS_FIELDS, *allowed))]
+
+
+def under(path: str, prefixes: tuple[str, ...] | list[str]) -> bool:
+    return any(path == prefix or path.startswith(prefix + ".") for prefix in prefixes)
+
+
+def check_spec_compatible(checkpoint: Path, saved_spec: dict[str, Any], spec: JobSpec) -> None:
+    """Refuse (UserError) a resume whose spec changed a field that changes what the model computes."""
+    refused = refused_changes(saved_spec, spec)
+    if refused:
+        raise UserError(
+            f"{checkpoint}: the spec changed {', '.join(refused)} since this checkpoint was saved; that changes what "
+            "the model computes, so the weights would load into another function. Undo the change, use a new "
+            f"run_dir, or accept it with `ember resume --allow-spec-change {refused[0]}` "
+            f"(spec: checkpoint.allow_spec_change=[{refused[0]}])"
+        )
 
 
 def keep_global_batch(spec: JobSpec, world_size: int) -> list[str]:
@@ -89,13 +127,18 @@ def fit_expert_parallelism(spec: JobSpec, world_size: int) -> list[str]:
     return [f"model.moe.ep_size={fits[0]}"]
 
 
-def diff_specs(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:
+def diff_specs(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     """Dotted paths whose values differ, as 'path: old -> new'."""
+    return [f"{path}: {old!r} -> {new!r}" for path, old, new in spec_differences(before, after)]
+
+
+def spec_differences(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted path, old, new) of every leaf that differs."""
     changes = []
     for key in sorted(set(before) | set(after)):
         path, old, new = f"{prefix}{key}", before.get(key), after.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
-            changes += diff_specs(old, new, f"{path}.")
+            changes += spec_differences(old, new, f"{path}.")
         elif old != new:
-            changes.append(f"{path}: {old!r} -> {new!r}")
+            changes.append((path, old, new))
     return changes
