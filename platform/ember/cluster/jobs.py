@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import yaml
 
+from ember.cluster.local import token_path
 from ember.errors import UserError
 from ember.spec import JobSpec
 from ember.spec.paths import is_under, is_url
@@ -35,8 +36,7 @@ def resolve_address(flag: str | None, spec_address: str | None, recorded: str | 
 
 
 def has_token() -> bool:
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    return bool(os.environ.get("RAY_AUTH_TOKEN")) or path.is_file()
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or token_path().is_file()
 
 
 def connect(address: str):

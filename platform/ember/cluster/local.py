@@ -37,7 +37,8 @@ class LocalCluster:
 
 
 def token_path() -> Path:
-    return Path.home() / ".ray" / "auth_token"  # where Ray looks (cli.py passes RAY_AUTH_TOKEN_PATH on as env)
+    """Where Ray reads its token file: RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token (Ray's own precedence)."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
 
 
 @dataclass
