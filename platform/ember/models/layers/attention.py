@@ -79,19 +79,41 @@ def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
+Rotary = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) [T, head_dim] of the positions of a forward
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> Rotary:
+    """RoPE as Hugging Face's Llama lays it out: frequency i on dims i and i + head_dim / 2 (rotate_half),
+    computed in fp32 (no buffer: a bf16 cast of the module would round the frequencies)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    with torch.autocast(positions.device.type, enabled=False):
+        angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+    """x [..., T, head_dim] rotated by its positions' angles: x cos + rotate_half(x) sin."""
+    cos, sin = rotary
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True) -> None:
         super().__init__()
         self.n_heads = n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)  # rows: queries, keys, values, each head after head
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, kv: RaggedKV | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: RaggedKV | None = None, rotary: Rotary | None = None) -> torch.Tensor:
         batch, length, width = x.shape
         q, k, v = self.qkv(x).split(width, dim=2)
         heads, head_dim = self.n_heads, width // self.n_heads  # explicit: -1 is ambiguous for an empty batch
         q, k, v = (t.view(batch, length, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+        if rotary is not None:
+            q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         if kv is not None:
             y = kv.attend(q, k, v)
         else:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from ember.engines import build_engine
 from ember.models.gpt import ModelOutput, build_model
+from ember.models.layers.moe.router import update_balance_biases
 from ember.observe.images import image_grid
 from ember.serve.sampling import decode_bytes, sample_image_tokens, sample_tokens
 from ember.train.objectives.base import ModelParts, NextBatch, Sample
@@ -51,6 +52,7 @@ class LanguageModelObjective:
             self.engine.backward(loss)
             totals += torch.stack([parts["ce"], parts["aux_loss"]]).double()
         grad_norm = self.engine.step()
+        update_balance_biases(self.model)  # balance: bias (DeepSeek-V3): after the step, from its load
         totals /= self.spec.grad_accumulation
         means = {"loss": totals[0]} | ({"aux_loss": totals[1]} if self.spec.model.moe else {})
         return means, {"grad_norm": float(grad_norm), "lr": self.engine.lr()}

@@ -33,7 +33,16 @@ def is_expert_parameter(param: nn.Parameter) -> bool:
 class EmberMoE(nn.Module):
     """Top-k routed experts; forward(x [..., d]) -> (y [..., d], aux loss). `last_stats` after each forward."""
 
-    def __init__(self, d_model: int, d_ff: int, spec: MoESpec, ep_rank: int = 0, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        spec: MoESpec,
+        ep_rank: int = 0,
+        dropout: float = 0.0,
+        mlp: str = "gelu",
+        bias: bool = True,
+    ) -> None:
         nn.Module.__init__(self)  # not super(): DeepSpeed's MoE follows in DeepSpeedEmberMoE's MRO
         self.num_experts, self.ep_size = spec.num_experts, spec.ep_size
         self.num_local_experts = spec.num_experts // spec.ep_size
@@ -42,8 +51,12 @@ class EmberMoE(nn.Module):
         self.router = TopKRouter(
             d_model, spec.num_experts, spec.top_k, spec.capacity_factor, spec.eval_capacity_factor,
             spec.min_capacity, spec.drop_tokens, spec.noisy_gating, spec.routing == "expert_choice",
+            spec.scoring, spec.norm_topk_prob, spec.balance, spec.bias_update_rate,
         )
-        self.experts = GroupedExperts(self.num_local_experts, d_model, d_ff, self.expert_group_name)
+        self.expert_kind, self.expert_bias = mlp, bias
+        self.experts = GroupedExperts(
+            self.num_local_experts, d_model, d_ff, self.expert_group_name, gated=mlp == "swiglu", bias=bias
+        )
         self.dispatcher = TokenDispatcher(spec.num_experts, spec.ep_size)
         self.dropout = dropout
         # The objective weighs the aux term by aux_loss_weight; folding z in at this ratio gives it z_loss_weight.
@@ -51,6 +64,9 @@ class EmberMoE(nn.Module):
         if spec.residual:  # Residual-MoE: the names DeepSpeed's MoE(use_residual=True) gives them
             self.mlp = MLP(d_model, d_ff, dropout)
             self.coefficient = nn.Linear(d_model, 2)
+        if spec.shared_experts:  # N always-on experts as one FFN N times as wide (the same function)
+            self.shared = MLP(d_model, spec.shared_experts * d_ff, dropout, mlp, bias)
+            self.shared_gate = nn.Linear(d_model, 1, bias=False) if spec.shared_expert_gate else None
         self.register_load_state_dict_pre_hook(_accept_per_expert_layout)
 
     @property
@@ -64,6 +80,9 @@ class EmberMoE(nn.Module):
         if hasattr(self, "mlp"):
             mix = F.softmax(self.coefficient(tokens), dim=-1)
             out = out * mix[:, 0:1] + self.mlp(tokens) * mix[:, 1:]
+        if hasattr(self, "shared"):
+            shared = self.shared(tokens)
+            out = out + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(tokens)) * shared)
         aux = routing.balance_loss + self.z_ratio * routing.z_loss if self.z_ratio else routing.balance_loss
         return out.view(x.shape), aux
 
@@ -77,9 +96,9 @@ class EmberMoE(nn.Module):
 
     def init_experts(self, seed: int, layer: int, init_fn: InitFn) -> None:
         for local in range(self.num_local_experts):
-            expert = MLP(self.experts.d_model, self.experts.d_ff)
+            expert = MLP(self.experts.d_model, self.experts.d_ff, kind=self.expert_kind, bias=self.expert_bias)
             init_fn(expert, torch.Generator().manual_seed(hash_seed(seed, layer, self.first_expert + local)))
-            self.experts.load_expert(local, expert.fc, expert.proj)
+            self.experts.load_expert(local, expert.fc, expert.proj, getattr(expert, "gate", None))
 
 
 def _accept_per_expert_layout(module: EmberMoE, state, prefix, *args) -> None:
@@ -89,13 +108,22 @@ def _accept_per_expert_layout(module: EmberMoE, state, prefix, *args) -> None:
 class MoEFFN(nn.Module):
     """The GPT's MoE feed-forward block: forward(x) -> (y, aux loss), whichever impl is inside."""
 
-    def __init__(self, d_model: int, d_ff: int, spec: MoESpec, ep_rank: int = 0, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        spec: MoESpec,
+        ep_rank: int = 0,
+        dropout: float = 0.0,
+        mlp: str = "gelu",
+        bias: bool = True,
+    ) -> None:
         super().__init__()
         self.impl = spec.impl
         self.num_local_experts = spec.num_experts // spec.ep_size
         self.first_expert = ep_rank * self.num_local_experts
         if spec.impl == "ember":
-            self.moe = EmberMoE(d_model, d_ff, spec, ep_rank, dropout)
+            self.moe = EmberMoE(d_model, d_ff, spec, ep_rank, dropout, mlp, bias)
         else:
             self.moe = deepspeed_compat.build_deepspeed_moe(d_model, d_ff, spec, dropout)
 
@@ -123,5 +151,8 @@ def hash_seed(*parts: int) -> int:
     return value
 
 
-def build_moe_ffn(d_model: int, d_ff: int, spec: MoESpec, ep_rank: int, dropout: float) -> MoEFFN:
-    return MoEFFN(d_model, d_ff, spec, ep_rank, dropout)
+def build_moe_ffn(
+    d_model: int, d_ff: int, spec: MoESpec, ep_rank: int, dropout: float, mlp: str = "gelu", bias: bool = True
+) -> MoEFFN:
+    """mlp and bias: the experts' kind (gelu or swiglu) and whether they have biases, as the model's FFNs."""
+    return MoEFFN(d_model, d_ff, spec, ep_rank, dropout, mlp, bias)
