@@ -226,11 +226,21 @@ def ckpt_verify(run_dir: Annotated[Path, typer.Argument(help="Run folder (runs/<
 @ckpt_app.command("export")
 def ckpt_export(
     path: Annotated[Path, typer.Argument(help="Run folder or checkpoint folder.")],
-    out: Annotated[Path, typer.Option(help="Output .safetensors file.")],
+    out: Annotated[Path, typer.Option(help="Output: a .safetensors file (ember), a folder (hf).")],
+    format: Annotated[
+        str, typer.Option("--format", help="ember: one safetensors file, spec in its metadata. hf: a Hugging Face "
+                          "folder (config.json, model.safetensors, tokenizer) for transformers, vLLM, SGLang.")
+    ] = "ember",
 ) -> None:
     """Write the full model weights (gathered from ZeRO shards and expert files) as safetensors."""
-    from ember.checkpoint.export import export_safetensors
+    from ember.checkpoint.export import export_huggingface, export_safetensors
 
+    if format not in ("ember", "hf"):
+        raise UserError(f"--format {format}: choose ember or hf")
+    if format == "hf":
+        source, architecture = export_huggingface(path, out)
+        console.print(f"exported {source} -> {out} ({architecture})", markup=False)
+        return
     source = export_safetensors(path, out)
     console.print(f"exported {source} -> {out}", markup=False)
 

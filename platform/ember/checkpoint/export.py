@@ -39,6 +39,20 @@ def export_safetensors(path: Path, out: Path) -> Path:
     return checkpoint
 
 
+def export_huggingface(path: Path, out: Path) -> tuple[Path, str]:
+    """The checkpoint as the transformers class with the same function (ember.interop.huggingface): returns the
+    checkpoint read and the architecture written. A model with no such class is refused, naming the option."""
+    from ember.interop.huggingface import TOKENIZER, export_model, twin_class
+
+    checkpoint = find_checkpoint(Path(path))
+    spec = JobSpec.model_validate(read_manifest(checkpoint)["spec"])
+    twin_class(spec.model)  # refuse before gathering any weights
+    model = build_single_process_model(spec)
+    model.load_state_dict(full_state_dict(checkpoint / "engine", spec), strict=True)
+    tokenizer = checkpoint / TOKENIZER
+    return checkpoint, export_model(model, spec.model, Path(out), tokenizer if tokenizer.is_file() else None)
+
+
 def build_single_process_model(spec: JobSpec) -> GPT:
     """The same architecture with every expert local (ep_size=1)."""
     return build_model(single_process(spec.model), ep_rank=0, seed=spec.schedule.seed)

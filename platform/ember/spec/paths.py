@@ -18,6 +18,9 @@ def resolve_path(value: str, base: Path) -> str:
 
 def resolve_input_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     result = copy.deepcopy(raw)
+    model = result.get("model")
+    if isinstance(model, dict) and isinstance(model.get("init_from"), str):
+        model["init_from"] = resolve_path(model["init_from"], base)
     data = result.get("data")
     if not isinstance(data, dict):
         return result

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -37,7 +39,12 @@ class LanguageModelObjective:
 
     def __init__(self, spec, world: World) -> None:
         self.spec, self.world = spec, world
-        self.model = build_model(spec.model, ep_rank=world.ep_rank, seed=spec.schedule.seed).to(world.device)
+        self.model = build_model(spec.model, ep_rank=world.ep_rank, seed=spec.schedule.seed)
+        if spec.model.init_from:  # fine-tuning a Hugging Face checkpoint (a resume then loads over it)
+            from ember.interop.huggingface import load_into
+
+            load_into(self.model, spec.model, Path(spec.model.init_from))
+        self.model = self.model.to(world.device)
         self.engine = build_engine(spec, self.model, world)
         self.engines = {"model": self.engine}
         self.parts = ModelParts(self.engines, {}, world)

@@ -1,0 +1,66 @@
+"""`ember ckpt export --format hf` on a real expert-parallel DeepSpeed checkpoint: transformers' Mixtral loads
+the folder and gives the sharded model's logits (experts gathered from both EP ranks' files)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ember.checkpoint.manager import CheckpointManager
+from ember.engines import build_engine
+from ember.models import build_model
+from ember.spec import JobSpec
+from ember.train.objectives.lm import lm_loss, split_batch
+from ember.world import world_from_env
+from tests.distributed.test_export import MICRO, text_rows
+from tests.helpers.distributed import run_on_ranks
+
+pytestmark = pytest.mark.distributed
+transformers = pytest.importorskip("transformers")
+
+
+def mixtral_spec() -> dict:
+    return {
+        "name": "hf-export-test",
+        "model": {"d_model": 32, "n_heads": 2, "n_layers": 2, "seq_len": 32, "norm": "rmsnorm", "position": "rope",
+                  "mlp": "swiglu", "bias": False, "tie_embeddings": False,
+                  "moe": {"num_experts": 4, "top_k": 2, "ep_size": 2, "every_n_layers": 1, "drop_tokens": False}},
+        "data": {"train": {"urls": "unused.tar"}},
+        "engine": {"kind": "deepspeed", "zero_stage": 2},
+        "optim": {"lr": 1e-2},
+        "schedule": {"steps": 3, "micro_batch": MICRO},
+        "cluster": {"num_workers": 2, "device": "cpu"},
+    }
+
+
+def train_save_and_probe(rank: int, world_size: int, folder: str) -> torch.Tensor:
+    spec = JobSpec.from_dict(mixtral_spec())
+    world = world_from_env("cpu", ep_size=2)
+    engine = build_engine(spec, build_model(spec.model, ep_rank=world.ep_rank, seed=0), world)
+    for step in range(3):
+        inputs, targets = split_batch(text_rows(4096 * (2 * step + rank), MICRO))
+        loss, _ = lm_loss(engine.forward(inputs), targets, aux_weight=0.01)
+        engine.backward(loss)
+        engine.step()
+    facts = {"spec": spec.model_dump(mode="json"), "engine": "deepspeed"}
+    CheckpointManager(Path(folder) / "checkpoints", world, facts=facts).save(
+        3, engine, {"data": {}, "world_size": world_size}, {"rng": None}
+    )
+    engine.module.eval()
+    with torch.no_grad():
+        return engine.forward(split_batch(text_rows(100_000, MICRO))[0]).logits
+
+
+def test_hf_export_of_an_expert_parallel_checkpoint_loads_in_transformers_with_its_logits(tmp_path: Path) -> None:
+    sharded = run_on_ranks(train_save_and_probe, 2, str(tmp_path))
+    out = tmp_path / "hf"
+    command = [sys.executable, "-m", "ember.cli", "ckpt", "export", str(tmp_path), "--format", "hf", "--out", str(out)]
+    assert "MixtralForCausalLM" in subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(split_batch(text_rows(100_000, MICRO))[0]).logits
+    torch.testing.assert_close(logits, sharded[0], rtol=1e-4, atol=1e-4)
