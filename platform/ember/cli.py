@@ -121,6 +121,10 @@ def data_build(
     val_fraction: Annotated[
         float | None, typer.Option(min=0.001, max=0.5, help="Held-out fraction [text 0.05, images 0.165].")
     ] = None,
+    tokenizer: Annotated[
+        str, typer.Option(help="text: bytes, or bpe: also train a byte-level BPE on the train split (tokenizer.json).")
+    ] = "bytes",
+    vocab_size: Annotated[int, typer.Option(min=257, help="text, --tokenizer bpe: vocabulary size.")] = 4096,
 ) -> None:
     """Write WebDataset tar shards (train/val) and a shards.json index."""
     if kind == "text":
@@ -128,7 +132,10 @@ def data_build(
 
         if source != "stdlib":
             raise UserError(f"--source {source}: unknown text source; use stdlib")
-        index = build_text_shards(out, source=source, train_shards=train_shards, val_fraction=val_fraction or 0.05)
+        index = build_text_shards(
+            out, source=source, train_shards=train_shards, val_fraction=val_fraction or 0.05,
+            tokenizer=tokenizer, vocab_size=vocab_size,
+        )
     elif kind == "images":
         from ember.data.build_images import IMAGE_SOURCES, build_image_shards
 

@@ -32,6 +32,9 @@ def resolve_input_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
                 shard_set["urls"] = resolve_path(urls, base)
             elif isinstance(urls, list):
                 shard_set["urls"] = [resolve_path(u, base) if isinstance(u, str) else u for u in urls]
+    tokenizer = data.get("tokenizer")
+    if isinstance(tokenizer, str) and tokenizer != "bytes":
+        data["tokenizer"] = resolve_path(tokenizer, base)
     build = data.get("build")
     if isinstance(build, dict) and isinstance(build.get("out"), str):
         build["out"] = resolve_path(build["out"], base)
