@@ -1,8 +1,10 @@
-"""`ember ckpt export --format hf` on a real expert-parallel DeepSpeed checkpoint: transformers' Mixtral loads
-the folder and gives the sharded model's logits (experts gathered from both EP ranks' files)."""
+"""`ember ckpt export --format hf` on real checkpoints: an expert-parallel DeepSpeed one loads in transformers'
+Mixtral with the sharded model's logits (experts gathered from both EP ranks' files); a Llama-style run on a
+byte-level BPE carries its tokenizer, and `ember generate` prints the text transformers generates and decodes."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,15 +13,17 @@ import pytest
 import torch
 
 from ember.checkpoint.manager import CheckpointManager
+from ember.data.build import build_text_shards
 from ember.engines import build_engine
 from ember.models import build_model
 from ember.spec import JobSpec
 from ember.train.objectives.lm import lm_loss, split_batch
 from ember.world import world_from_env
 from tests.distributed.test_export import MICRO, text_rows
-from tests.helpers.distributed import run_on_ranks
+from tests.helpers.distributed import free_port, run_on_ranks
 
 pytestmark = pytest.mark.distributed
+REPO = Path(__file__).resolve().parents[2]
 transformers = pytest.importorskip("transformers")
 
 
@@ -64,3 +68,32 @@ def test_hf_export_of_an_expert_parallel_checkpoint_loads_in_transformers_with_i
     with torch.no_grad():
         logits = model(split_batch(text_rows(100_000, MICRO))[0]).logits
     torch.testing.assert_close(logits, sharded[0], rtol=1e-4, atol=1e-4)
+
+
+def ember(*args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "ember.cli", *args], check=True, capture_output=True, text=True).stdout
+
+
+def test_a_bpe_llama_run_generates_the_text_transformers_decodes_from_its_export(tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    build_text_shards(shards, train_shards=2, max_bytes=400_000, val_fraction=0.2, tokenizer="bpe", vocab_size=320)
+    items = [f"run_dir={tmp_path / 'run'}", f"data.train.urls={shards}/train-{{000000..000001}}.tar",
+             f"data.val.urls={shards}/val-000000.tar", "data.build=null", f"data.tokenizer={shards}/tokenizer.json",
+             "model.vocab_size=320", "model.norm=rmsnorm", "model.position=rope", "model.mlp=swiglu",
+             "model.bias=false", "cluster.num_workers=1", "schedule.global_batch=4", "logging.sample_tokens=0"]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port",
+                    str(free_port()), "-m", "ember.train.torchrun", str(REPO / "jobs" / "debug" / "tiny-dense.yaml"),
+                    *[p for item in items for p in ("--set", item)]], check=True, capture_output=True)
+    assert (tmp_path / "run" / "checkpoints" / "step_000020" / "tokenizer.json").is_file()
+    prompt = "def main():\n    "
+    ours = json.loads(ember("generate", str(tmp_path / "run"), "--prompt", prompt, "--max-tokens", "16",
+                            "--temperature", "0", "--json"))
+    assert "LlamaForCausalLM" in ember("ckpt", "export", str(tmp_path / "run"), "--format", "hf",
+                                       "--out", str(tmp_path / "hf"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, ids.shape[1]:]
+    assert ours["tokens"] == generated.tolist()
+    assert ours["text"] == tokenizer.decode(generated)

@@ -69,6 +69,7 @@ class CheckpointManager:
     attempt: Attempt | None = None
     run_dir: Path | None = None
     async_save: bool = False
+    copies: dict[str, Path] = field(default_factory=dict)  # files every checkpoint carries (a tokenizer.json)
     skipped: list[tuple[Path, list[str]]] = field(default_factory=list)
     _pending: threading.Thread | None = None
     _failure: BaseException | None = None
@@ -188,6 +189,8 @@ class _Publish:
         facts = {"step": self.step, "world_size": manager.world.world_size, "ep_size": manager.world.ep_size}
         if manager.attempt is not None:
             facts["attempt"] = {"number": manager.attempt.number, "id": manager.attempt.id}
+        for name, source in manager.copies.items():
+            shutil.copyfile(source, self.tmp / name)
         write_manifest(self.tmp, {**facts, **manager.facts})
         shutil.rmtree(self.final, ignore_errors=True)  # a same-step leftover from an earlier attempt
         self.tmp.rename(self.final)

@@ -65,6 +65,10 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return 256 if self.path is None else _load(self.path).get_vocab_size()
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt's tokens; an empty prompt starts from the separator, as training's sampler does."""
+        return self.encode(text) or [SEPARATOR]
+
     def encode(self, text: str) -> list[int]:
         if self.path is None:
             return list(text.encode("utf-8"))
@@ -94,3 +98,17 @@ class TextTokenizer:
 def bits_per_byte(nats_per_token: float, tokens: int, text_bytes: int) -> float:
     """Held-out loss in bits per byte of text: comparable across tokenizers (a byte model's is nats / ln 2)."""
     return nats_per_token * tokens / max(text_bytes, 1) / math.log(2)
+
+
+def checkpoint_copies(spec) -> dict[str, Path]:
+    """The tokenizer file every checkpoint of a run carries (none for bytes), so it decodes anywhere."""
+    tokenizer = getattr(spec.data, "tokenizer", BYTES)
+    return {} if tokenizer == BYTES else {TOKENIZER_FILE: Path(tokenizer)}
+
+
+def checkpoint_tokenizer(checkpoint: Path, spec) -> TextTokenizer:
+    """The tokenizer a checkpoint's text was trained with: its own copy, else the spec's data.tokenizer."""
+    copy = Path(checkpoint) / TOKENIZER_FILE
+    if copy.is_file():
+        return TextTokenizer(str(copy))
+    return TextTokenizer.from_spec(spec.data.tokenizer)

@@ -52,7 +52,8 @@ def format_event(event: dict[str, Any]) -> str:
         )
         return line + "".join(f"  {name} {event[name]:.4f}" for name in EXTRA_LOSSES if name in event)
     if kind == "eval":
-        return f"step {event['step']:>6}  held-out loss {event['val_loss']:.4f} {event.get('unit', 'nats/token')}"
+        line = f"step {event['step']:>6}  held-out loss {event['val_loss']:.4f} {event.get('unit', 'nats/token')}"
+        return line + (f" ({event['bits_per_byte']:.4f} bits/byte)" if "bits_per_byte" in event else "")
     if kind == "checkpoint":
         if event.get("background"):
             return f"step {event['step']:>6}  checkpoint saved, committing in the background: {event['path']}"

@@ -16,6 +16,7 @@ from ember.checkpoint.manager import CheckpointManager, Retention, read_state
 from ember.checkpoint.placement import expert_placement, gather_hosts
 from ember.data.cursor import merge_states
 from ember.data.loader import build_stream
+from ember.data.tokenizer import checkpoint_copies
 from ember.errors import UserError
 from ember.observe.images import save_png
 from ember.observe.moe_stats import log_routing, mean_over_ranks, routing_stats
@@ -70,6 +71,7 @@ class Trainer:
         return CheckpointManager(
             run_dir / "checkpoints", world, Retention(spec.checkpoint.keep_last, spec.checkpoint.keep_every), facts,
             attempt=attempt[0], run_dir=run_dir, async_save=spec.checkpoint.async_save,
+            copies=checkpoint_copies(spec),
         )
 
     def fit(self) -> dict[str, Any]:
@@ -138,8 +140,10 @@ class Trainer:
         total = self.objective.eval_loss(lambda: next(batches), self.spec.schedule.eval_batches)
         batches.close()
         val_loss = self.all_reduce_mean(total).item()
-        self.tensorboard.scalars(self.step, {"loss": val_loss}, prefix="val/")
-        self.reporter.emit("eval", step=self.step, val_loss=val_loss, unit=self.objective.loss_unit)
+        extras = getattr(self.objective, "eval_extras", {})  # the LM's bits per byte
+        self.tensorboard.scalars(self.step, {"loss": val_loss, **extras}, prefix="val/")
+        self.reporter.emit("eval", step=self.step, val_loss=val_loss, unit=self.objective.loss_unit, **extras)
+        self.metrics.update({f"val_{name}": value for name, value in extras.items()})
         self.metrics["val_loss"] = val_loss
 
     def log_skipped_samples(self) -> None:

@@ -7,11 +7,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ember.data.tokenizer import TextTokenizer, bits_per_byte
 from ember.engines import build_engine
 from ember.models.gpt import ModelOutput, build_model
 from ember.models.layers.moe.router import update_balance_biases
 from ember.observe.images import image_grid
-from ember.serve.sampling import decode_bytes, sample_image_tokens, sample_tokens
+from ember.serve.sampling import sample_image_tokens, sample_tokens
 from ember.train.objectives.base import ModelParts, NextBatch, Sample
 from ember.world import World
 
@@ -50,6 +51,10 @@ class LanguageModelObjective:
         self.parts = ModelParts(self.engines, {}, world)
         self.items_per_step = spec.global_batch * spec.model.seq_len
         self.aux_weight = spec.model.moe.aux_loss_weight if spec.model.moe else 0.0
+        text = spec.data.decode == "text"  # held-out loss also in bits per byte: comparable across tokenizers
+        self.tokenizer = TextTokenizer.from_spec(spec.data.tokenizer)
+        self.byte_lengths = self.tokenizer.byte_lengths() if text else None
+        self.eval_extras: dict[str, float] = {}
 
     def train_step(self, next_batch: NextBatch, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         totals = torch.zeros(2, dtype=torch.float64, device=self.world.device)
@@ -68,10 +73,17 @@ class LanguageModelObjective:
     def eval_loss(self, next_batch: NextBatch, batches: int) -> torch.Tensor:
         self.engine.module.eval()
         total = torch.zeros(1, dtype=torch.float64, device=self.world.device)
+        nats, text_bytes, tokens = 0.0, 0, 0
         for _ in range(batches):
             inputs, targets = split_batch(next_batch().to(self.world.device))
-            total += lm_loss(self.engine.forward(inputs), targets, 0.0)[1]["ce"].double()
+            ce = lm_loss(self.engine.forward(inputs), targets, 0.0)[1]["ce"].double()
+            total += ce
+            if self.byte_lengths is not None:  # every rank reads the same held-out rows: no reduction needed
+                nats += float(ce) * targets.numel()
+                tokens += targets.numel()
+                text_bytes += int(self.byte_lengths[targets.cpu().numpy()].sum())
         self.engine.module.train()
+        self.eval_extras = {"bits_per_byte": bits_per_byte(nats / max(tokens, 1), tokens, text_bytes)} if tokens else {}
         return total / batches
 
     def sample(self, seed: int) -> Sample | None:
@@ -83,11 +95,11 @@ class LanguageModelObjective:
             return None
         self.engine.module.eval()
         tokens = sample_tokens(
-            lambda ids: self.engine.forward(ids).logits, list(log.sample_prompt.encode()), log.sample_tokens,
+            lambda ids: self.engine.forward(ids).logits, self.tokenizer.encode(log.sample_prompt), log.sample_tokens,
             self.spec.model.seq_len, log.sample_temperature, top_k=None, seed=seed, device=self.world.device,
         )
         self.engine.module.train()
-        return Sample(text=log.sample_prompt + decode_bytes(tokens))
+        return Sample(text=log.sample_prompt + self.tokenizer.decode(tokens))
 
     def sample_digits(self, seed: int) -> Sample | None:
         """A grid of image-token samples: one column per class."""
