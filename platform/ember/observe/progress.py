@@ -50,6 +50,7 @@ def format_event(event: dict[str, Any]) -> str:
             f"step {event['step']:>6}/{event['total']}  loss {event['loss']:.4f}  lr {event['lr']:.2e}  "
             f"grad_norm {event['grad_norm']:.3f}  {rate}"
         )
+        line += f"  mfu {100 * event['mfu']:.1f}%" if "mfu" in event else ""
         return line + "".join(f"  {name} {event[name]:.4f}" for name in EXTRA_LOSSES if name in event)
     if kind == "eval":
         line = f"step {event['step']:>6}  held-out loss {event['val_loss']:.4f} {event.get('unit', 'nats/token')}"

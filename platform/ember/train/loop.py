@@ -19,6 +19,7 @@ from ember.data.loader import build_stream
 from ember.data.tokenizer import checkpoint_copies
 from ember.errors import UserError
 from ember.observe.images import save_png
+from ember.observe.mfu import device_peak_flops, gpt_flops_per_token, model_flops_utilisation
 from ember.observe.moe_stats import log_routing, mean_over_ranks, routing_stats
 from ember.observe.progress import Reporter
 from ember.observe.tensorboard import TensorBoardLogger
@@ -40,6 +41,23 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     return trainer.fit()
 
 
+class MFUMeter:
+    """tokens/s -> model FLOPs utilisation of a GPT run (FLOPs per token and the ranks' peak known up front)."""
+
+    def __init__(self, flops_per_token: float, peak_per_rank: float, ranks: int) -> None:
+        self.flops_per_token, self.peak_per_rank, self.ranks = flops_per_token, peak_per_rank, ranks
+
+    @classmethod
+    def for_spec(cls, spec: JobSpec, world: World) -> MFUMeter | None:
+        if spec.model.family != "gpt":
+            return None
+        peak = device_peak_flops(world.device, spec.engine.precision, spec.cluster.peak_tflops)
+        return cls(gpt_flops_per_token(spec.model), peak, world.world_size)
+
+    def __call__(self, tokens_per_s: float) -> float:
+        return model_flops_utilisation(self.flops_per_token, tokens_per_s, self.peak_per_rank, self.ranks)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -58,6 +76,7 @@ class Trainer:
         self.checkpoints = self._checkpoint_manager(spec, world, run_dir)
         self.tensorboard = TensorBoardLogger(run_dir / "tensorboard", spec.logging.tensorboard and world.is_main)
         self.step = 0
+        self.mfu = MFUMeter.for_spec(spec, world)
         self.skipped_samples = 0
         self.metrics: dict[str, Any] = {}
 
@@ -91,7 +110,10 @@ class Trainer:
             if self.step % self.spec.logging.log_every == 0 or self.step == total:
                 elapsed = time.perf_counter() - window_start
                 stats[rate] = window_steps * self.objective.items_per_step / max(elapsed, 1e-9)
-                self.tensorboard.scalars(self.step, {rate: stats[rate]}, prefix="train/")
+                if self.mfu is not None:
+                    stats["mfu"] = self.mfu(stats[rate])
+                speed = {name: stats[name] for name in (rate, "mfu") if name in stats}
+                self.tensorboard.scalars(self.step, speed, prefix="train/")
                 self.reporter.emit("log", step=self.step, total=total, **stats)
                 self.metrics.update(loss=stats["loss"], **{rate: stats[rate]})
                 self.log_skipped_samples()
