@@ -19,6 +19,7 @@ from ember.data.formats import ImageBatch
 from ember.engines import build_engine
 from ember.models import build_denoiser
 from ember.models.layers.moe.deepspeed_compat import attach_expert_groups
+from ember.models.layers.moe.router import update_balance_biases
 from ember.spec.generative import DiffusionSpec
 from ember.train.ema import EMA
 from ember.train.objectives.base import ModelParts, NextBatch, Sample, class_grid
@@ -199,6 +200,7 @@ class DiffusionObjective:
             self.engine.backward(objective)
             total += loss.detach().double()
         grad_norm = self.engine.step()
+        update_balance_biases(self.engine.module)  # moe.balance: bias, as the LM does
         self.ema.update(self.engine.module)
         means = {"loss": total / self.spec.grad_accumulation}
         if moe is not None:

@@ -100,6 +100,7 @@ class TopKRouter(nn.Module):
         z_loss = torch.logsumexp(logits, dim=1).square().mean()
         self.last_stats = routing_stats(probs, experts, kept, balance, z_loss)
         if self.expert_bias is not None:
+            self.last_stats["expert_bias"] = self.expert_bias.detach().float().clone()
             if self.training and torch.is_grad_enabled():  # a training forward (not eval, not generation)
                 self._record_load(experts)
             balance = balance.new_zeros(())  # balanced by the bias, not by a loss
