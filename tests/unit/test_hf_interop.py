@@ -146,3 +146,20 @@ def test_gpt2_export_writes_gpt2_names_and_config(tmp_path):
     export_model(model, model.spec, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "gpt2" and config["n_inner"] == 48 and config["activation_function"] == "gelu_new"
+
+
+def test_cli_export_of_a_model_without_a_twin_exits_2_naming_the_option(tmp_path, capsys):
+    from ember.checkpoint.manifest import write_manifest
+    from ember.cli import main
+    from ember.spec import JobSpec
+
+    spec = JobSpec.from_dict({"name": "no-twin", "model": BASE | {"position": "rope"},
+                              "data": {"train": {"urls": "unused.tar"}}})
+    checkpoint = tmp_path / "checkpoints" / "step_000001"
+    (checkpoint / "engine").mkdir(parents=True)
+    write_manifest(checkpoint, {"step": 1, "world_size": 1, "spec": spec.model_dump(mode="json")})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ckpt", "export", str(tmp_path), "--format", "hf", "--out", str(tmp_path / "hf")])
+    assert exit_info.value.code == 2
+    assert "model.norm" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
