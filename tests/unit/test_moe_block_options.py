@@ -61,7 +61,7 @@ def reference_moe(layer: EmberMoE, x: torch.Tensor) -> torch.Tensor:
     for token in x:
         logits = token @ router.gate.weight.t()
         scores = F.softmax(logits, dim=-1) if router.scoring == "softmax" else torch.sigmoid(logits)
-        bias = router.expert_bias if router.expert_bias is not None else torch.zeros_like(scores)
+        bias = router.score_bias if router.score_bias is not None else torch.zeros_like(scores)
         chosen = torch.topk(scores + bias, router.top_k).indices
         weights = scores[chosen]
         weights = weights / weights.sum() if router.normalise else weights
@@ -95,8 +95,8 @@ def assert_outputs_and_gradients_match(layer: EmberMoE) -> None:
 )
 def test_swiglu_routing_options_match_a_per_token_reference(options):
     layer = build_layer(**options)
-    if layer.router.expert_bias is not None:
-        layer.router.expert_bias.copy_(torch.linspace(-0.5, 0.5, 8))  # big enough to change choices
+    if layer.router.score_bias is not None:
+        layer.router.score_bias.copy_(torch.linspace(-0.5, 0.5, 8))  # big enough to change choices
     assert_outputs_and_gradients_match(layer)
 
 
@@ -116,7 +116,7 @@ def test_experts_without_bias_hold_zero_buffers_in_the_stacked_layout():
 def test_bias_chooses_experts_but_never_weighs_them():
     layer = build_layer(top_k=2, scoring="sigmoid", balance="bias")
     x = torch.randn(TOKENS, D_MODEL)
-    layer.router.expert_bias.copy_(torch.tensor([10.0, 10.0, 0, 0, 0, 0, 0, 0]))  # experts 0 and 1 win
+    layer.router.score_bias.copy_(torch.tensor([10.0, 10.0, 0, 0, 0, 0, 0, 0]))  # experts 0 and 1 win
     routing = layer.router(x)
     assert torch.equal(routing.experts.sort(dim=1).values, torch.tensor([[0, 1]]).expand(TOKENS, 2))
     scores = torch.sigmoid(x @ layer.router.gate.weight.t()).gather(1, routing.experts)
@@ -136,9 +136,9 @@ def test_balance_bias_moves_towards_the_underloaded_experts_after_each_step_and_
     load = torch.bincount(layer.router(x).experts.flatten(), minlength=8).float()
     update_balance_biases(layer)
     expected = 0.01 * torch.sign(load.mean() - load)  # two training forwards saw the same load, twice
-    torch.testing.assert_close(layer.router.expert_bias, expected)
+    torch.testing.assert_close(layer.router.score_bias, expected)
     assert layer.router.pending_load.sum() == 0
-    assert "router.expert_bias" in layer.state_dict() and "router.pending_load" not in layer.state_dict()
+    assert "router.score_bias" in layer.state_dict() and "router.pending_load" not in layer.state_dict()
 
 
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])

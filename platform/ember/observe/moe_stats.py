@@ -58,8 +58,8 @@ def log_routing(logger: TensorBoardLogger, step: int, stats: dict[int, dict[str,
         scalars = {key: float(values[key]) for key in SCALARS}
         scalars["max_load"] = float(load.max() * load.numel())  # 1.0 is perfect balance
         scalars.update({f"load/expert_{e:03d}": float(f) for e, f in enumerate(load)})
-        if "expert_bias" in values:  # moe.balance: bias: the selection bias each expert has reached
-            scalars.update({f"bias/expert_{e:03d}": float(b) for e, b in enumerate(values["expert_bias"].cpu())})
+        if "score_bias" in values:  # moe.balance: bias: the selection bias each expert has reached
+            scalars.update({f"bias/expert_{e:03d}": float(b) for e, b in enumerate(values["score_bias"].cpu())})
         logger.scalars(step, scalars, prefix=prefix)
         logger.bars(step, f"{prefix}expert_fraction", load)
 

@@ -53,7 +53,7 @@ class EmberMoE(nn.Module):
             spec.min_capacity, spec.drop_tokens, spec.noisy_gating, spec.routing == "expert_choice",
             spec.scoring, spec.norm_topk_prob, spec.balance, spec.bias_update_rate,
         )
-        self.expert_kind, self.expert_bias = mlp, bias
+        self.expert_kind, self.expert_has_bias = mlp, bias
         self.experts = GroupedExperts(
             self.num_local_experts, d_model, d_ff, self.expert_group_name, gated=mlp == "swiglu", bias=bias
         )
@@ -96,7 +96,7 @@ class EmberMoE(nn.Module):
 
     def init_experts(self, seed: int, layer: int, init_fn: InitFn) -> None:
         for local in range(self.num_local_experts):
-            expert = MLP(self.experts.d_model, self.experts.d_ff, kind=self.expert_kind, bias=self.expert_bias)
+            expert = MLP(self.experts.d_model, self.experts.d_ff, kind=self.expert_kind, bias=self.expert_has_bias)
             init_fn(expert, torch.Generator().manual_seed(hash_seed(seed, layer, self.first_expert + local)))
             self.experts.load_expert(local, expert.fc, expert.proj, getattr(expert, "gate", None))
 

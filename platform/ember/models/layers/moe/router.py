@@ -24,7 +24,7 @@ top2_2nd_expert_sampling=False, reproduced call for call where rounding or tie-b
   construction (no balance loss), but a token's experts depend on the other tokens of the batch, so it
   is not causal: for LM training only where that is acceptable.
 
-- top_k > 2, sigmoid scoring or bias balancing: experts = topk(scores (+ expert_bias), k); weights are the
+- top_k > 2, sigmoid scoring or bias balancing: experts = topk(scores (+ score_bias), k); weights are the
   scores (never the bias) of the chosen experts, renormalised to sum 1 when `normalise`; sigmoid scores
   (DeepSeek-V3) are normalised over experts for the balance loss and the statistics.
 - bias balancing (DeepSeek-V3, auxiliary-loss-free): no balance loss; training forwards count each expert's
@@ -78,7 +78,7 @@ class TopKRouter(nn.Module):
         self.noise = nn.Linear(d_model, num_experts, bias=False) if noisy else None
         self.bias_update_rate = bias_update_rate
         # Registered only for bias balancing: other routers' state dicts (and old checkpoints) stay as they were.
-        self.register_buffer("expert_bias", torch.zeros(num_experts) if balance == "bias" else None)
+        self.register_buffer("score_bias", torch.zeros(num_experts) if balance == "bias" else None)
         self.register_buffer("pending_load", torch.zeros(num_experts) if balance == "bias" else None, persistent=False)
         self.last_stats: dict[str, torch.Tensor] = {}
 
@@ -99,8 +99,8 @@ class TopKRouter(nn.Module):
         balance = balance_loss(probs, experts[:, 0], self.top_k)
         z_loss = torch.logsumexp(logits, dim=1).square().mean()
         self.last_stats = routing_stats(probs, experts, kept, balance, z_loss)
-        if self.expert_bias is not None:
-            self.last_stats["expert_bias"] = self.expert_bias.detach().float().clone()
+        if self.score_bias is not None:
+            self.last_stats["score_bias"] = self.score_bias.detach().float().clone()
             if self.training and torch.is_grad_enabled():  # a training forward (not eval, not generation)
                 self._record_load(experts)
             balance = balance.new_zeros(())  # balanced by the bias, not by a loss
@@ -113,7 +113,7 @@ class TopKRouter(nn.Module):
     @torch.no_grad()
     def apply_load(self, load: torch.Tensor) -> None:
         """DeepSeek-V3's update: raise the bias of experts below the mean load, lower it above; forget the load."""
-        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load).to(self.expert_bias.dtype)
+        self.score_bias += self.bias_update_rate * torch.sign(load.mean() - load).to(self.score_bias.dtype)
         self.pending_load.zero_()
 
     def _experts_choose(self, probs: torch.Tensor, logits: torch.Tensor) -> Routing:
@@ -136,8 +136,8 @@ class TopKRouter(nn.Module):
         return logits + torch.randn_like(logits) * scale
 
     def _choose(self, scores: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        if self.scoring != "softmax" or self.expert_bias is not None or self.top_k > 2:
-            selection = scores if self.expert_bias is None else scores + self.expert_bias.float()
+        if self.scoring != "softmax" or self.score_bias is not None or self.top_k > 2:
+            selection = scores if self.score_bias is None else scores + self.score_bias.float()
             return torch.topk(selection, self.top_k, dim=1).indices
         first = torch.argmax(scores, dim=1)
         if self.top_k == 1:
@@ -163,7 +163,7 @@ class TopKRouter(nn.Module):
 def update_balance_biases(model: nn.Module) -> None:
     """After an optimizer step: move every bias-balanced router's expert bias by the load it saw, summed over
     all ranks first (one all-reduce), so every replica of a router keeps the same bias."""
-    routers = [m for m in model.modules() if isinstance(m, TopKRouter) and m.expert_bias is not None]
+    routers = [m for m in model.modules() if isinstance(m, TopKRouter) and m.score_bias is not None]
     if not routers:
         return
     loads = torch.cat([router.pending_load for router in routers])
