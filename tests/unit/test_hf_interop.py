@@ -163,3 +163,17 @@ def test_cli_export_of_a_model_without_a_twin_exits_2_naming_the_option(tmp_path
     assert exit_info.value.code == 2
     assert "model.norm" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+def test_ember_run_refuses_a_mismatched_init_from_before_starting_ray(tmp_path, capsys):
+    from ember.cli import main
+
+    model = ember_model(SPECS["LlamaForCausalLM"])
+    export_model(model, model.spec, tmp_path / "hf")
+    spec = {"name": "init-from", "model": LLAMA | {"n_layers": 3, "init_from": str(tmp_path / "hf")},
+            "data": {"train": {"urls": str(tmp_path / "hf" / "config.json")}}}  # any existing file: no build
+    (tmp_path / "job.yaml").write_text(json.dumps(spec))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(tmp_path / "job.yaml")])
+    assert exit_info.value.code == 2
+    assert "num_hidden_layers=2" in capsys.readouterr().err

@@ -257,6 +257,13 @@ def load_into(module: nn.Module, model, folder: Path) -> None:
             piece.write(state, tensor.float())
 
 
+def check_init_from(model) -> None:
+    """model.init_from's config against the spec, before any worker starts (exit 2 naming the mismatch)."""
+    if getattr(model, "init_from", None):
+        folder = Path(model.init_from)
+        check_config(model, read_config(folder), folder)
+
+
 def _on_this_rank(piece: Piece, module: nn.Module) -> Piece | None:
     """An expert piece with its local expert index, or None when another EP rank holds that expert."""
     if not piece.ember.endswith(("experts.w_in", "experts.w_out")):

@@ -21,6 +21,7 @@ from rich.console import Console
 
 from ember.data.build import ensure_shards
 from ember.errors import InternalError, UserError, find_user_error
+from ember.interop.huggingface import check_init_from
 from ember.observe.progress import ProgressView
 from ember.spec import JobSpec
 from ember.train.loop import train_worker
@@ -37,6 +38,7 @@ def run_job(spec: JobSpec, verbose: bool = False, console: Console | None = None
     console = console or Console()
     if spec.cluster.address == "local":
         ensure_shards(spec.data)  # a remote cluster checks its own paths; locally, fail before Ray starts
+        check_init_from(spec.model)
     run_dir = prepare_run_dir(spec)
     with ray_session(spec, verbose):
         from ray.util.queue import Queue
