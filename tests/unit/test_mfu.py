@@ -31,7 +31,8 @@ def active_matmul_weights(model) -> int:
 def test_flops_per_token_match_the_built_models_weights():
     for fields in (
         {},
-        {"mlp": "swiglu", "moe": {"num_experts": 4, "top_k": 2, "shared_experts": 1, "shared_expert_gate": True}},
+        {"mlp": "swiglu", "n_kv_heads": 2,
+         "moe": {"num_experts": 4, "top_k": 2, "shared_experts": 1, "shared_expert_gate": True}},
     ):
         spec = GPTSpec(d_model=32, n_heads=4, n_layers=4, seq_len=16, vocab_size=50, **fields)
         expected = 6 * active_matmul_weights(build_model(spec)) + 12 * 4 * 32 * 16

@@ -62,6 +62,9 @@ def twin_class(model) -> str:
         raise UserError(f"model.family: {model.family} has no transformers causal-LM twin (only gpt exports)")
     if model.moe is None:
         if model.norm == "layernorm" and model.position == "learned" and model.mlp == "gelu" and model.bias:
+            if model.kv_heads != model.n_heads:
+                raise UserError(f"model.n_kv_heads: {model.n_kv_heads} has no counterpart in GPT2LMHeadModel "
+                                "(multi-head attention only); leave it unset")
             return "GPT2LMHeadModel"
         llama = {"norm": "rmsnorm", "position": "rope", "mlp": "swiglu"}
         _require(model, llama, "LlamaForCausalLM (or GPT2LMHeadModel: layernorm, learned, gelu, bias: true)")
@@ -108,7 +111,7 @@ def twin_config(model) -> dict[str, Any]:
     config = {
         "architectures": [name], "vocab_size": model.vocab_size, "hidden_size": model.d_model,
         "num_hidden_layers": model.n_layers, "num_attention_heads": model.n_heads,
-        "num_key_value_heads": model.n_heads, "head_dim": model.d_model // model.n_heads,
+        "num_key_value_heads": model.kv_heads, "head_dim": model.d_model // model.n_heads,
         "intermediate_size": model.ffn_width, "max_position_embeddings": model.seq_len,
         "rms_norm_eps": model.norm_eps, "hidden_act": "silu", "tie_word_embeddings": model.tie_embeddings,
         "rope_theta": model.rope_theta,  # transformers 4; 5 reads rope_parameters
@@ -157,12 +160,14 @@ def twin_pieces(model) -> list[Piece]:
 
 
 def _attention_pieces(model, hf: str, ours: str) -> list[Piece]:
-    width = model.d_model
+    """ember's qkv rows: queries (d_model), then keys and values (kv_heads x head_dim each)."""
+    width, kv_width = model.d_model, model.kv_heads * (model.d_model // model.n_heads)
     kinds = ("weight", "bias") if model.bias else ("weight",)
-    pieces = []
-    for row, projection in enumerate(("q_proj", "k_proj", "v_proj")):
-        rows = slice(row * width, (row + 1) * width)
-        pieces += [Piece(f"{hf}{projection}.{kind}", f"{ours}qkv.{kind}", (rows,)) for kind in kinds]
+    pieces, start = [], 0
+    for projection, rows in (("q_proj", width), ("k_proj", kv_width), ("v_proj", kv_width)):
+        span = slice(start, start + rows)
+        pieces += [Piece(f"{hf}{projection}.{kind}", f"{ours}qkv.{kind}", (span,)) for kind in kinds]
+        start += rows
     return pieces + [Piece(f"{hf}o_proj.{kind}", f"{ours}proj.{kind}") for kind in kinds]
 
 
@@ -294,7 +299,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 # The config keys that decide the function, and the spec field each comes from (for the error message).
 CHECKED = {
     "vocab_size": "vocab_size", "hidden_size": "d_model", "n_embd": "d_model", "num_hidden_layers": "n_layers",
-    "n_layer": "n_layers", "num_attention_heads": "n_heads", "n_head": "n_heads", "num_key_value_heads": "n_heads",
+    "n_layer": "n_layers", "num_attention_heads": "n_heads", "n_head": "n_heads", "num_key_value_heads": "n_kv_heads",
     "head_dim": "d_model / n_heads", "intermediate_size": "d_ff", "n_inner": "d_ff", "rms_norm_eps": "norm_eps",
     "layer_norm_epsilon": "norm_eps", "hidden_act": "mlp", "activation_function": "mlp",
     "tie_word_embeddings": "tie_embeddings", "attention_bias": "bias", "mlp_bias": "bias", "qkv_bias": "bias",

@@ -25,7 +25,7 @@ class Block(nn.Module):
     def __init__(self, spec: GPTSpec, moe: MoESpec | None, ep_rank: int) -> None:
         super().__init__()
         self.ln1 = build_norm(spec.norm, spec.d_model, spec.norm_eps, spec.bias)
-        self.attn = CausalSelfAttention(spec.d_model, spec.n_heads, spec.dropout, spec.bias)
+        self.attn = CausalSelfAttention(spec.d_model, spec.n_heads, spec.dropout, spec.bias, spec.kv_heads)
         self.ln2 = build_norm(spec.norm, spec.d_model, spec.norm_eps, spec.bias)
         if moe is not None:
             self.ffn = build_moe_ffn(spec.d_model, spec.ffn_width, moe, ep_rank, spec.dropout, spec.mlp, spec.bias)

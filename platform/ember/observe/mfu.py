@@ -21,7 +21,7 @@ def gpt_flops_per_token(model) -> float:
     ffn = (3 if model.mlp == "swiglu" else 2) * d * width  # multiply-adds of one FFN (or one expert)
     params = model.vocab_size * d  # the output projection
     for block in range(model.n_layers):
-        params += 4 * d * d  # q, k, v, o
+        params += 2 * d * d + 2 * d * model.kv_heads * (d // model.n_heads)  # q, o; k, v (fewer under GQA)
         if block not in model.moe_layers:
             params += ffn
             continue
