@@ -102,3 +102,12 @@ def test_streamed_text_pieces_add_up_to_the_decoded_completion(bpe_shards):
     assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
     assert encode_prompt(text, tokenizer) == tokens and encode_prompt("", tokenizer) == [0]
     assert finish_reason(tokens, 1, 100, 1000, ["return"], tokenizer) == "stop"
+
+
+def test_the_bytes_tokenizer_as_a_tokenizers_file_maps_each_byte_to_its_value(tmp_path):
+    from ember.data.tokenizer import bytes_tokenizer_json
+
+    (tmp_path / "tokenizer.json").write_text(bytes_tokenizer_json())
+    tokenizer = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    text = "def héllo():\n\treturn '\u2603'\n"
+    assert tokenizer.encode(text).ids == list(text.encode()) and tokenizer.decode(list(text.encode())) == text

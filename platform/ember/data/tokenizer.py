@@ -42,6 +42,25 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int):
     return tokenizer
 
 
+def byte_level_table() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, the alphabet of byte-level tokenizers."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def bytes_tokenizer_json() -> str:
+    """ember's `bytes` tokenizer as a `tokenizers` file (token id = byte value, no merges), so a byte model
+    exported to Hugging Face decodes with AutoTokenizer like any other."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {char: byte for byte, char in byte_level_table().items()}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer.to_str()
+
+
 @functools.lru_cache(maxsize=8)
 def _load(path: str):
     from tokenizers import Tokenizer

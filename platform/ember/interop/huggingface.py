@@ -218,8 +218,9 @@ def _check_coverage(pieces: list[Piece], module: nn.Module) -> None:
 # ---- export and import ----------------------------------------------------------------------------------------
 
 
-def export_model(module: nn.Module, model, out: Path, tokenizer: Path | None = None) -> str:
-    """Write `out`/config.json, model.safetensors (+ tokenizer files); returns the architecture written."""
+def export_model(module: nn.Module, model, out: Path, tokenizer: Path | str | None = None) -> str:
+    """Write `out`/config.json, model.safetensors (+ tokenizer files: `tokenizer` is a tokenizer.json path,
+    or its text); returns the architecture written."""
     config, pieces = twin_config(model), twin_pieces(model)
     _check_coverage(pieces, module)
     state = {name: tensor.detach().float() for name, tensor in module.state_dict().items()}
@@ -231,9 +232,10 @@ def export_model(module: nn.Module, model, out: Path, tokenizer: Path | None = N
     return config["architectures"][0]
 
 
-def write_tokenizer_files(tokenizer: Path, out: Path, seq_len: int) -> None:
+def write_tokenizer_files(tokenizer: Path | str, out: Path, seq_len: int) -> None:
     """tokenizer.json as trained, and the tokenizer_config.json that lets AutoTokenizer load it."""
-    (out / TOKENIZER).write_bytes(Path(tokenizer).read_bytes())
+    text = tokenizer if isinstance(tokenizer, str) else Path(tokenizer).read_text()
+    (out / TOKENIZER).write_text(text)
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": seq_len, "clean_up_tokenization_spaces": False
     }

@@ -108,6 +108,8 @@ class TopKRouter(nn.Module):
 
     @torch.no_grad()
     def _record_load(self, experts: torch.Tensor) -> None:
+        # Activation checkpointing recomputes every block once more with the same bias: each load doubles,
+        # and sign(mean - load) does not change.
         self.pending_load += torch.bincount(experts.flatten(), minlength=self.num_experts).float()
 
     @torch.no_grad()
