@@ -294,7 +294,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     weights = {}
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
-            weights.update({name: handle.get_tensor(name) for name in handle.keys()})  # noqa: SIM118
+            weights.update({name: handle.get_tensor(name) for name in handle.keys()})
     return weights
 
 
