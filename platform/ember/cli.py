@@ -151,6 +151,10 @@ def data_build(
     val_fraction: Annotated[
         float | None, typer.Option(min=0.001, max=0.5, help="Held-out fraction [text 0.05, images 0.165].")
     ] = None,
+    tokenizer: Annotated[
+        str, typer.Option(help="text: bytes, or bpe: also train a byte-level BPE on the train split (tokenizer.json).")
+    ] = "bytes",
+    vocab_size: Annotated[int, typer.Option(min=257, help="text, --tokenizer bpe: vocabulary size.")] = 4096,
 ) -> None:
     """Write WebDataset tar shards (train/val) and a shards.json index."""
     if kind == "text":
@@ -158,7 +162,10 @@ def data_build(
 
         if source != "stdlib":
             raise UserError(f"--source {source}: unknown text source; use stdlib")
-        index = build_text_shards(out, source=source, train_shards=train_shards, val_fraction=val_fraction or 0.05)
+        index = build_text_shards(
+            out, source=source, train_shards=train_shards, val_fraction=val_fraction or 0.05,
+            tokenizer=tokenizer, vocab_size=vocab_size,
+        )
     elif kind == "images":
         from ember.data.build_images import IMAGE_SOURCES, build_image_shards
 
@@ -262,12 +269,22 @@ def ckpt_verify(run_dir: Annotated[Path, typer.Argument(help="Run folder (runs/<
 @ckpt_app.command("export")
 def ckpt_export(
     path: Annotated[Path, typer.Argument(help="Run folder or checkpoint folder.")],
-    out: Annotated[Path, typer.Option(help="Output .safetensors file.")],
+    out: Annotated[Path, typer.Option(help="Output: a .safetensors file (ember), a folder (hf).")],
+    format: Annotated[
+        str, typer.Option("--format", help="ember: one safetensors file, spec in its metadata. hf: a Hugging Face "
+                          "folder (config.json, model.safetensors, tokenizer) for transformers, vLLM, SGLang.")
+    ] = "ember",
 ) -> None:
     """Write the full model weights (gathered from ZeRO shards and expert files) as safetensors."""
-    from ember.checkpoint.export import export_safetensors
+    from ember.checkpoint.export import export_huggingface, export_safetensors
     from ember.engines.weights import full_state_dict
 
+    if format not in ("ember", "hf"):
+        raise UserError(f"--format {format}: choose ember or hf")
+    if format == "hf":
+        source, architecture = export_huggingface(path, out, full_state_dict)
+        console.print(f"exported {source} -> {out} ({architecture})", markup=False)
+        return
     source = export_safetensors(path, out, full_state_dict)
     console.print(f"exported {source} -> {out}", markup=False)
 

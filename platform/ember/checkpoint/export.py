@@ -39,6 +39,30 @@ def export_safetensors(path: Path, out: Path, read_weights: ReadWeights) -> Path
     return checkpoint
 
 
+def export_huggingface(path: Path, out: Path, read_weights: ReadWeights) -> tuple[Path, str]:
+    """The checkpoint as the transformers class with the same function (ember.interop.huggingface): returns the
+    checkpoint read and the architecture written. A model with no such class is refused, naming the option."""
+    from ember.interop.huggingface import export_model, twin_class
+
+    checkpoint = find_checkpoint(Path(path))
+    spec = JobSpec.model_validate(read_manifest(checkpoint)["spec"])
+    twin_class(spec.model)  # refuse before gathering any weights
+    model = build_single_process_model(spec)
+    model.load_state_dict(read_weights(checkpoint / "engine", spec), strict=True)
+    return checkpoint, export_model(model, spec.model, Path(out), _tokenizer_of(checkpoint, spec))
+
+
+def _tokenizer_of(checkpoint: Path, spec: JobSpec) -> Path | str | None:
+    """The checkpoint's tokenizer.json; for a byte-level text model, the bytes tokenizer written as one."""
+    from ember.data.tokenizer import TOKENIZER_FILE, bytes_tokenizer_json
+
+    if (checkpoint / TOKENIZER_FILE).is_file():
+        return checkpoint / TOKENIZER_FILE
+    if spec.data.decode == "text" and spec.data.tokenizer == "bytes":
+        return bytes_tokenizer_json()
+    return None
+
+
 def build_single_process_model(spec: JobSpec) -> GPT:
     """The same architecture with every expert local (ep_size=1)."""
     return build_model(single_process(spec.model), seed=spec.schedule.seed)

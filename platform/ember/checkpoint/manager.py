@@ -84,6 +84,7 @@ class CheckpointManager:
     verify_checksums: bool = True
     staging_root: Path | None = None  # where async saves stage engine-written files; default /dev/shm
     report_timeout_s: float | None = None  # default: SYNC_/ASYNC_REPORT_TIMEOUT_S
+    copies: dict[str, Path] = field(default_factory=dict)  # files every checkpoint carries (a tokenizer.json)
     skipped: list[tuple[Path, list[str]]] = field(default_factory=list)
     _verified: dict[tuple[str, int], bool] = field(default_factory=dict)
     _pending: threading.Thread | None = None
@@ -114,6 +115,8 @@ class CheckpointManager:
             save_file(rank_state, layout.staged / f"rank_{self.world.rank:05d}.pt")
             if self.world.is_main:
                 (layout.staged / STATE).write_text(json.dumps({"step": step, **shared_state}))
+                for name, source in self.copies.items():  # rank 0's files: reported, listed and verified
+                    shutil.copyfile(source, layout.staged / name)
         self.world.barrier()
         publish = _Publish(self, layout, pending)
         if self.async_save:

@@ -17,6 +17,7 @@ from typing import Any
 
 from webdataset import TarWriter
 
+from ember.data.tokenizer import TOKENIZER_FILE, train_byte_level_bpe
 from ember.errors import InternalError, UserError
 from ember.spec.data import DataSpec, ImageBuildSpec, TextBuildSpec
 from ember.spec.paths import expand_urls, local_path  # noqa: F401 (re-exported: the readers use them)
@@ -41,28 +42,45 @@ def build_text_shards(
     train_shards: int = 8,
     val_fraction: float = 0.05,
     max_bytes: int | None = None,
+    tokenizer: str = "bytes",
+    vocab_size: int = 4096,
 ) -> dict[str, Any]:
-    """Write `train_shards` train tars, `val-000000.tar` and `shards.json` into `out`; return the manifest."""
+    """Write `train_shards` train tars, `val-000000.tar` and `shards.json` into `out`; return the manifest.
+    tokenizer "bpe": also a byte-level BPE of `vocab_size` tokens trained on the train split alone,
+    as `out`/tokenizer.json (the shards keep the text; the stream tokenizes it)."""
     files = collect_source_files(source, max_bytes)
     train, val = split_train_val(files, val_fraction)
     groups = deal_by_bytes(train, train_shards)
     named = [(f"train-{i:06d}.tar", group) for i, group in enumerate(groups)] + [("val-000000.tar", val)]
     shards = [(name, (text_sample(f) for f in group)) for name, group in named]
-    manifest = write_shard_set(Path(out), shards, {"kind": "text", "source": source})
+    facts, extra = {"kind": "text", "source": source}, {}
+    if tokenizer == "bpe":
+        trained = train_byte_level_bpe((f.path.read_bytes().decode("utf-8", "replace") for f in train), vocab_size)
+        extra[TOKENIZER_FILE] = trained.to_str().encode()
+        facts |= {"tokenizer": TOKENIZER_FILE, "vocab_size": trained.get_vocab_size()}
+    elif tokenizer != "bytes":
+        raise UserError(f"--tokenizer {tokenizer}: choose bytes or bpe")
+    manifest = write_shard_set(Path(out), shards, facts, extra)
     log.info("wrote %d train + 1 val shards (%d files) to %s", train_shards, len(files), out)
     return manifest
 
 
 def write_shard_set(
-    out: Path, shards: list[tuple[str, Iterable[dict[str, Any]]]], facts: dict[str, Any]
+    out: Path,
+    shards: list[tuple[str, Iterable[dict[str, Any]]]],
+    facts: dict[str, Any],
+    extra_files: dict[str, bytes] | None = None,
 ) -> dict[str, Any]:
     """Write each (name, samples) as a tar plus `shards.json` (facts + per-shard entries) into a staging
-    folder beside `out`, then publish it: readers never see a half-written shard set."""
+    folder beside `out`, then publish it: readers never see a half-written shard set. `extra_files` (a
+    tokenizer) are published with it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     staging.chmod(0o755)  # mkdtemp makes it private, and it becomes `out` itself
     try:
         entries = [write_shard(staging / name, samples) for name, samples in shards]
+        for name, data in (extra_files or {}).items():
+            (staging / name).write_bytes(data)
         manifest = {**facts, "shards": entries, "created_by": "ember"}
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         publish(staging, out)
@@ -171,7 +189,10 @@ def missing_local_shards(data_spec: DataSpec) -> list[str]:
 
 def build_from_spec(build: TextBuildSpec | ImageBuildSpec) -> None:
     if isinstance(build, TextBuildSpec):
-        build_text_shards(Path(build.out), build.source, build.train_shards, build.val_fraction)
+        build_text_shards(
+            Path(build.out), build.source, build.train_shards, build.val_fraction,
+            tokenizer=build.tokenizer, vocab_size=build.vocab_size,
+        )
         return
     # Imported here: the image builder is written on top of this module's shard-set writer.
     from ember.data.build_images import build_image_shards

@@ -67,6 +67,20 @@ def decode_text(sample: dict[str, bytes]) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class TokenizedText:
+    """decode for data.tokenizer: a tokenizer file: the document's text tokenized, then the separator (picklable:
+    DataLoader workers load the tokenizer from its path)."""
+
+    tokenizer: Any  # ember.data.tokenizer.TextTokenizer
+
+    def __call__(self, sample: dict[str, bytes]) -> np.ndarray:
+        data = sample.get("txt")
+        if data is None:
+            raise UndecodableSample(f"no .txt member (has {sorted(sample)})")
+        return self.tokenizer.document(data)
+
+
+@dataclass(frozen=True)
 class TextRows:
     """Packed byte tokens; `decode` is swappable so tests can count decoding work."""
 

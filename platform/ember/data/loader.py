@@ -18,8 +18,9 @@ from typing import Any, Literal, Protocol
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ember.data.cursor import merge_states, next_worker_key
-from ember.data.formats import ImageRows, ImageTokenRows, RowFormat, TextRows
+from ember.data.formats import ImageRows, ImageTokenRows, RowFormat, TextRows, TokenizedText
 from ember.data.stream import ShardStream, WeightedUrls
+from ember.data.tokenizer import TextTokenizer
 from ember.errors import InternalError, UserError
 from ember.spec.data import DataSpec
 
@@ -82,7 +83,7 @@ def row_format(data: DataSpec, model: Any) -> RowFormat:
     """The decode the spec asks for, checked against the model that will read it."""
     family = getattr(model, "family", None)
     if data.decode == "text":
-        return TextRows(model.seq_len)
+        return text_rows(data, model)
     if data.decode == "image":
         if family == "gpt":
             raise UserError(
@@ -96,6 +97,19 @@ def row_format(data: DataSpec, model: Any) -> RowFormat:
             f"{rows.num_classes} classes and 'no class'); it is {model.vocab_size}"
         )
     return rows
+
+
+def text_rows(data: DataSpec, model: Any) -> TextRows:
+    """Packed text rows, tokenized by data.tokenizer (bytes, or a tokenizer file) and checked against the model."""
+    tokenizer = TextTokenizer.from_spec(data.tokenizer)
+    if tokenizer.path is None:
+        return TextRows(model.seq_len)
+    if model.vocab_size < tokenizer.vocab_size:
+        raise UserError(
+            f"model.vocab_size: {model.vocab_size} is smaller than data.tokenizer's {tokenizer.vocab_size} tokens "
+            f"({tokenizer.path}); set model.vocab_size: {tokenizer.vocab_size}"
+        )
+    return TextRows(model.seq_len, TokenizedText(tokenizer))
 
 
 @dataclass

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ember.data.tokenizer import TextTokenizer
 from ember.generation.sampling import SamplingParams, decode_bytes
 from ember.models.gpt import GPT
 from ember.models.layers.attention import KVCache, RaggedKV
@@ -75,20 +76,22 @@ class DecodeRunner:
 
 
 def finish_reason(
-    generated: list[int], prompt_length: int, max_tokens: int, seq_len: int, stop: list[str]
+    generated: list[int], prompt_length: int, max_tokens: int, seq_len: int, stop: list[str],
+    tokenizer: TextTokenizer | None = None,
 ) -> str | None:
     """Why a sequence ends after `generated`, or None while it goes on.
 
     "stop": its text contains a stop string (the completion keeps it); "length": max_tokens reached, or the
     context is full (feeding the k-th picked token needs position prompt_length + k - 1 < seq_len).
     """
-    if stop and any(s in decode_bytes(generated) for s in stop):
+    text = (tokenizer.decode(generated) if tokenizer else decode_bytes(generated)) if stop else ""
+    if stop and any(s in text for s in stop):
         return "stop"
     if len(generated) >= max_tokens or prompt_length + len(generated) > seq_len:
         return "length"
     return None
 
 
-def encode_prompt(text: str) -> list[int]:
-    """Byte-level tokens; an empty prompt starts from token 0 as the training sampler does."""
-    return list(text.encode("utf-8")) or [0]
+def encode_prompt(text: str, tokenizer: TextTokenizer | None = None) -> list[int]:
+    """The checkpoint's tokens (bytes by default); an empty prompt starts from token 0 as the training sampler does."""
+    return (tokenizer or TextTokenizer()).encode_prompt(text)

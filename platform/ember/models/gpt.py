@@ -9,9 +9,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ember.models.layers.attention import CausalSelfAttention, KVCache, RaggedKV
+from ember.models.layers.attention import CausalSelfAttention, KVCache, RaggedKV, Rotary, rotary_tables
 from ember.models.layers.mlp import MLP
 from ember.models.layers.moe import MoEFFN, build_moe_ffn
+from ember.models.layers.norm import build_norm
 from ember.spec.model import GPTSpec, MoESpec
 from ember.world import ExpertPlacement
 
@@ -24,16 +25,18 @@ class ModelOutput(NamedTuple):
 class Block(nn.Module):
     def __init__(self, spec: GPTSpec, moe: MoESpec | None, placement: ExpertPlacement | None) -> None:
         super().__init__()
-        self.ln1 = nn.LayerNorm(spec.d_model)
-        self.attn = CausalSelfAttention(spec.d_model, spec.n_heads, spec.dropout)
-        self.ln2 = nn.LayerNorm(spec.d_model)
+        self.ln1 = build_norm(spec.norm, spec.d_model, spec.norm_eps, spec.bias)
+        self.attn = CausalSelfAttention(spec.d_model, spec.n_heads, spec.dropout, spec.bias, spec.kv_heads)
+        self.ln2 = build_norm(spec.norm, spec.d_model, spec.norm_eps, spec.bias)
         if moe is not None:
-            self.ffn = build_moe_ffn(spec.d_model, spec.ffn_width, moe, placement, spec.dropout)
+            self.ffn = build_moe_ffn(spec.d_model, spec.ffn_width, moe, placement, spec.dropout, spec.mlp, spec.bias)
         else:
-            self.ffn = MLP(spec.d_model, spec.ffn_width, spec.dropout)
+            self.ffn = MLP(spec.d_model, spec.ffn_width, spec.dropout, spec.mlp, spec.bias)
 
-    def forward(self, x: torch.Tensor, kv: RaggedKV | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.attn(self.ln1(x), kv)
+    def forward(
+        self, x: torch.Tensor, kv: RaggedKV | None = None, rotary: Rotary | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.ln1(x), kv, rotary)
         out = self.ffn(self.ln2(x))
         if isinstance(out, tuple):
             return x + out[0], out[1]
@@ -45,9 +48,10 @@ class GPT(nn.Module):
         super().__init__()
         self.spec = spec
         self.tok_emb = nn.Embedding(spec.vocab_size, spec.d_model)
-        self.pos_emb = nn.Embedding(spec.seq_len, spec.d_model)
+        if spec.position == "learned":
+            self.pos_emb = nn.Embedding(spec.seq_len, spec.d_model)
         self.blocks = nn.ModuleList(Block(spec, self._moe_spec(i), placement) for i in range(spec.n_layers))
-        self.ln_f = nn.LayerNorm(spec.d_model)
+        self.ln_f = build_norm(spec.norm, spec.d_model, spec.norm_eps, spec.bias)
         self.head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
         if spec.tie_embeddings:
             self.head.weight = self.tok_emb.weight
@@ -66,17 +70,25 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, kv: RaggedKV | None = None) -> ModelOutput:
         """idx [B, T]; with `kv`, idx is [1, N]: several sequences' new tokens end to end, each after its cache."""
         positions = kv.positions(idx.device) if kv is not None else torch.arange(idx.shape[1], device=idx.device)
-        x = self.tok_emb(idx) + self.pos_emb(positions)
+        x, rotary = self._embed(idx, positions)
         aux_total = x.new_zeros(())
         for index, block in enumerate(self.blocks):
             if self.spec.activation_checkpointing and self.training:
-                x, aux = checkpoint(block, x, use_reentrant=False)
+                x, aux = checkpoint(block, x, None, rotary, use_reentrant=False)
             else:
-                x, aux = block(x, kv.at_layer(index) if kv is not None else None)
+                x, aux = block(x, kv.at_layer(index) if kv is not None else None, rotary)
             aux_total = aux_total + aux
         if kv is not None:
             kv.advance()
         return ModelOutput(self.head(self.ln_f(x)), aux_total)
+
+    def _embed(self, idx: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, Rotary | None]:
+        """Token embeddings plus learned positions, or with RoPE the rotary tables the attention layers use."""
+        x = self.tok_emb(idx)
+        if self.spec.position == "learned":
+            return x + self.pos_emb(positions), None
+        head_dim = self.spec.d_model // self.spec.n_heads
+        return x, rotary_tables(positions, head_dim, self.spec.rope_theta, x.dtype)
 
     def new_cache(self) -> KVCache:
         """An empty key/value cache for one sequence of up to seq_len positions."""

@@ -58,6 +58,8 @@ def log_routing(logger: TensorBoardLogger, step: int, stats: dict[int, dict[str,
         scalars = {key: float(values[key]) for key in SCALARS}
         scalars["max_load"] = float(load.max() * load.numel())  # 1.0 is perfect balance
         scalars.update({f"load/expert_{e:03d}": float(f) for e, f in enumerate(load)})
+        if "score_bias" in values:  # moe.balance: bias: the selection bias each expert has reached
+            scalars.update({f"bias/expert_{e:03d}": float(b) for e, b in enumerate(values["score_bias"].cpu())})
         logger.scalars(step, scalars, prefix=prefix)
         logger.bars(step, f"{prefix}expert_fraction", load)
 
@@ -82,6 +84,8 @@ def read_routing(tensorboard_dir: Path) -> tuple[int, dict[int, dict[str, Any]]]
         load = LOAD_TAG.match(tag)
         if load:
             entry["load"][int(load.group(2))] = events[-1].value
+        elif "/bias/expert_" in tag:  # moe.balance: bias
+            entry.setdefault("bias", {})[int(tag.rsplit("_", 1)[1])] = events[-1].value
         else:
             entry[tag.rsplit("/", 1)[1]] = events[-1].value
     return step, layers

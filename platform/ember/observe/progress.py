@@ -50,10 +50,12 @@ def format_event(event: dict[str, Any]) -> str:
             f"step {event['step']:>6}/{event['total']}  loss {event['loss']:.4f}  lr {event['lr']:.2e}  "
             f"grad_norm {event['grad_norm']:.3f}  {rate}"
         )
+        line += f"  mfu {100 * event['mfu']:.1f}%" if "mfu" in event else ""
         line += "".join(f"  {name} {event[name]:.4f}" for name in EXTRA_LOSSES if name in event)
         return line + (format_step_time(event) if "data_s" in event else "")
     if kind == "eval":
-        return f"step {event['step']:>6}  held-out loss {event['val_loss']:.4f} {event.get('unit', 'nats/token')}"
+        line = f"step {event['step']:>6}  held-out loss {event['val_loss']:.4f} {event.get('unit', 'nats/token')}"
+        return line + (f" ({event['bits_per_byte']:.4f} bits/byte)" if "bits_per_byte" in event else "")
     if kind == "checkpoint":
         if event.get("background"):
             return f"step {event['step']:>6}  checkpoint saved, committing in the background: {event['path']}"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.checkpoint.readers import read_checkpoint_spec
+from ember.data.tokenizer import checkpoint_tokenizer
 from ember.errors import UserError
 from ember.generation.sampling import SamplingParams
 from ember.serve.batching import StepLoop
@@ -60,7 +61,10 @@ class EmberServer:
             self.seq_len = spec.model.seq_len
             self.max_tokens_limit = options.max_tokens_limit or self.seq_len
             self.group = await ShardGroup.start(str(checkpoint), options.ep_size, options.rank_cpus, options.use_gpu)
-            self.step_loop = StepLoop(self.group.step, options.ep_size, self.seq_len, options.max_batch)
+            self.tokenizer = checkpoint_tokenizer(checkpoint, spec)
+            self.step_loop = StepLoop(
+                self.group.step, options.ep_size, self.seq_len, options.max_batch, self.tokenizer
+            )
             self.step_loop.start()
         else:
             self.seq_len = self.max_tokens_limit = 0

@@ -34,8 +34,9 @@ class Sequence:
 
 
 class StepLoop:
-    def __init__(self, step: StepFn, ranks: int, seq_len: int, max_batch: int = 64) -> None:
+    def __init__(self, step: StepFn, ranks: int, seq_len: int, max_batch: int = 64, tokenizer=None) -> None:
         self.step_fn, self.ranks, self.seq_len, self.max_batch = step, ranks, seq_len, max_batch
+        self.tokenizer = tokenizer  # decodes for stop strings; None: bytes
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
         self.retiring: list[Sequence] = []
@@ -107,7 +108,8 @@ class StepLoop:
             sequence = self.running[seq_id]
             sequence.generated.append(token)
             reason = finish_reason(
-                sequence.generated, len(sequence.prompt), sequence.max_tokens, self.seq_len, sequence.stop
+                sequence.generated, len(sequence.prompt), sequence.max_tokens, self.seq_len, sequence.stop,
+                self.tokenizer,
             )
             sequence.queue.put_nowait((token, reason))
             if reason is not None:

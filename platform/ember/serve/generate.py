@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ember.checkpoint.readers import read_checkpoint_spec
+from ember.data.tokenizer import checkpoint_tokenizer
 from ember.errors import UserError
 from ember.generation.decode import Admit, DecodeRunner, StepPlan, encode_prompt, finish_reason
-from ember.generation.sampling import SamplingParams, decode_bytes
+from ember.generation.sampling import SamplingParams
 from ember.serve.weights import load_rank_model
 
 
@@ -21,16 +23,18 @@ class Completion:
 def generate(
     path: Path, prompt: str, max_tokens: int, params: SamplingParams, stop: list[str] | None = None
 ) -> Completion:
-    model, spec = load_rank_model(path)
-    prompt_tokens = encode_prompt(prompt)
+    checkpoint, _, _ = read_checkpoint_spec(path)  # verified once, here
+    model, spec = load_rank_model(checkpoint, verify=False)
+    tokenizer = checkpoint_tokenizer(checkpoint, spec)
+    prompt_tokens = encode_prompt(prompt, tokenizer)
     check_prompt_fits(len(prompt_tokens), model.spec.seq_len)
     runner = DecodeRunner(model)
     plan, generated = StepPlan(admit=[Admit(0, prompt_tokens, params)]), []
     while True:
         generated.append(runner.step(plan)[0])
-        reason = finish_reason(generated, len(prompt_tokens), max_tokens, model.spec.seq_len, stop or [])
+        reason = finish_reason(generated, len(prompt_tokens), max_tokens, model.spec.seq_len, stop or [], tokenizer)
         if reason is not None:
-            return Completion(generated, decode_bytes(generated), reason)
+            return Completion(generated, tokenizer.decode(generated), reason)
         plan = StepPlan(decode=[0])
 
 

@@ -101,7 +101,8 @@ def _completion_routes(api: FastAPI, backend: Backend) -> None:
             return error(400, "model", f"this server holds a {backend.family} model; use /v1/images")
         if body.max_tokens > backend.max_tokens_limit:
             return error(422, "max_tokens", f"max_tokens: at most {backend.max_tokens_limit} on this server")
-        prompt = encode_prompt(body.prompt)
+        tokenizer = getattr(backend, "tokenizer", None)
+        prompt = encode_prompt(body.prompt, tokenizer)
         if len(prompt) > backend.seq_len:
             return error(422, "prompt", f"prompt: {len(prompt)} tokens; the model's context is {backend.seq_len}")
         if backend.failure():
@@ -110,11 +111,11 @@ def _completion_routes(api: FastAPI, backend: Backend) -> None:
         tokens = backend.generate(prompt, body.max_tokens, params, body.stop or [])
         completion_id = f"cmpl-{secrets.token_hex(8)}"
         if body.stream:
-            return StreamingResponse(_events(tokens, completion_id), media_type="text/event-stream")
-        return await _collect(tokens, completion_id, len(prompt))
+            return StreamingResponse(_events(tokens, completion_id, tokenizer), media_type="text/event-stream")
+        return await _collect(tokens, completion_id, len(prompt), tokenizer)
 
 
-async def _collect(tokens: AsyncIterator, completion_id: str, prompt_tokens: int) -> JSONResponse:
+async def _collect(tokens: AsyncIterator, completion_id: str, prompt_tokens: int, tokenizer=None) -> JSONResponse:
     generated, reason = [], None
     try:
         async for token, finish in tokens:
@@ -122,7 +123,7 @@ async def _collect(tokens: AsyncIterator, completion_id: str, prompt_tokens: int
             reason = finish
     except RuntimeError as exc:
         return error(503, "server", str(exc))
-    choice = {"index": 0, "text": TextDecoder().feed(generated, final=True), "tokens": generated,
+    choice = {"index": 0, "text": TextDecoder(tokenizer).feed(generated, final=True), "tokens": generated,
               "finish_reason": reason}  # fmt: skip
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(generated),
              "total_tokens": prompt_tokens + len(generated)}  # fmt: skip
@@ -130,8 +131,8 @@ async def _collect(tokens: AsyncIterator, completion_id: str, prompt_tokens: int
                          "choices": [choice], "usage": usage})  # fmt: skip
 
 
-async def _events(tokens: AsyncIterator, completion_id: str) -> AsyncIterator[str]:
-    decoder = TextDecoder()
+async def _events(tokens: AsyncIterator, completion_id: str, tokenizer=None) -> AsyncIterator[str]:
+    decoder = TextDecoder(tokenizer)
     try:
         async for token, reason in tokens:
             text = decoder.feed([token], final=reason is not None)
@@ -170,13 +171,23 @@ def _seed(seed: int | None) -> int:
 
 
 class TextDecoder:
-    """Byte tokens -> text, holding back an incomplete UTF-8 character until its last byte arrives."""
+    """Tokens -> text, holding back an incomplete UTF-8 character until its last byte arrives. With a tokenizer
+    file: the text of all tokens so far, less what was already sent (a trailing partial character held back)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tokenizer=None) -> None:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.tokenizer = tokenizer if tokenizer is not None and tokenizer.path is not None else None
+        self.tokens: list[int] = []
+        self.sent = 0
 
     def feed(self, tokens: list[int], final: bool = False) -> str:
-        return self.decoder.decode(bytes(t for t in tokens if 0 < t < 256), final=final)
+        if self.tokenizer is None:
+            return self.decoder.decode(bytes(t for t in tokens if 0 < t < 256), final=final)
+        self.tokens += tokens
+        text = self.tokenizer.decode(self.tokens)
+        ready = len(text) if final or not text.endswith("\ufffd") else len(text.rstrip("\ufffd"))
+        piece, self.sent = text[self.sent : ready], max(self.sent, ready)
+        return piece
 
 
 class RequestGuard:

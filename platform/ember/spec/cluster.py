@@ -19,6 +19,10 @@ class ClusterSpec(Section):
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="Extra Ray resources per worker, e.g. {accelerator_type:H100: 0.01}."
     )
+    peak_tflops: float | None = Field(
+        None, gt=0, description="Peak TFLOP/s of one worker's device for MFU; default: a table of known GPUs, "
+        "else a short matmul probe.",
+    )
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train may make (-1 = unlimited).")
     shared_dirs: list[str] = Field(
         default_factory=list,

@@ -34,6 +34,10 @@ class TextBuildSpec(Section):
     out: str = Field(description="Folder to write the shards into (relative to the spec file).")
     train_shards: int = Field(8, ge=1, description="Number of training shards to write.")
     val_fraction: float = Field(0.05, gt=0, lt=1, description="Fraction of files held out for validation.")
+    tokenizer: Literal["bytes", "bpe"] = Field(
+        "bytes", description="bpe: also train a byte-level BPE on the train split, written as out/tokenizer.json."
+    )
+    vocab_size: int = Field(4096, ge=257, description="tokenizer: bpe: tokens in the vocabulary (>= 257).")
 
 
 class ImageBuildSpec(Section):
@@ -73,6 +77,11 @@ class DataSpec(Section):
         "text",
         description="text: packed byte tokens; image: float images in [-1, 1] and labels; "
         "image_tokens: a class token then one token per grey level (a GPT over images).",
+    )
+    tokenizer: str = Field(
+        "bytes",
+        description="decode: text: `bytes` (tokens 0..255), or a Hugging Face tokenizer.json (e.g. the BPE that "
+        "`ember data build text --tokenizer bpe` writes beside the shards); relative to the spec file.",
     )
     image_tokens: ImageTokensSpec = Field(
         default_factory=ImageTokensSpec, description="Palette and classes of the image_tokens decode."

@@ -16,7 +16,30 @@ class MoESpec(Section):
         description="PR-MoE (DeepSpeed-MoE): experts of each MoE layer, shallow to deep, usually more in deeper "
         "layers, e.g. [4, 8]; one entry per MoE layer. Overrides num_experts.",
     )
-    top_k: int = Field(1, ge=1, le=2, description="Experts each token is routed to (1 or 2).")
+    top_k: int = Field(1, ge=1, le=8, description="Experts each token is routed to (1 to 8).")
+    scoring: Literal["softmax", "sigmoid"] = Field(
+        "softmax",
+        description="Router scores: softmax over experts (Mixtral, Qwen-MoE), or a sigmoid per expert (DeepSeek-V3).",
+    )
+    norm_topk_prob: bool | None = Field(
+        None,
+        description="Renormalise the chosen experts' scores to sum to 1 (Mixtral: true). Default: true for top_k >= 2 "
+        "and for sigmoid scoring, false for softmax top-1 (weight = p, as Switch and DeepSpeed).",
+    )
+    balance: Literal["aux_loss", "bias"] = Field(
+        "aux_loss",
+        description="Load balancing: the auxiliary loss, or DeepSeek-V3's auxiliary-loss-free bias (a per-expert bias "
+        "added to the scores for the choice only, raised for underloaded experts after every step).",
+    )
+    bias_update_rate: float = Field(
+        1e-3, gt=0, description="balance: bias: how far each step moves an expert's bias (DeepSeek-V3's gamma)."
+    )
+    shared_experts: int = Field(
+        0, ge=0, description="Always-on experts beside the routed ones (DeepSeek-MoE, Qwen-MoE); one FFN this wide."
+    )
+    shared_expert_gate: bool = Field(
+        False, description="Scale the shared experts' output by sigmoid(x . w) (Qwen-MoE's gate); false: unscaled."
+    )
     capacity_factor: float = Field(
         1.25, gt=0, description="Training capacity per expert, as a multiple of tokens/experts."
     )
@@ -53,14 +76,26 @@ class MoESpec(Section):
                 raise ValueError(f"top_k={self.top_k} exceeds {field}={count}")
             if count < 1 or count % self.ep_size:
                 raise ValueError(f"ep_size={self.ep_size} must divide {field}={count}")
+        ember_only = self.scoring != "softmax" or self.balance != "aux_loss" or self.shared_experts or self.top_k > 2
+        if self.impl == "deepspeed" and ember_only:
+            raise ValueError("scoring, balance, shared_experts and top_k > 2 need impl: ember (DeepSpeed's has none)")
         if self.impl == "deepspeed" and (self.z_loss_weight > 0 or self.noisy_gating or self.routing != "token_choice"):
             raise ValueError(
                 "z_loss_weight, noisy_gating and routing: expert_choice need impl: ember (DeepSpeed's gate has none)"
             )
+        if self.routing == "expert_choice" and (self.scoring != "softmax" or self.balance != "aux_loss"):
+            raise ValueError("routing: expert_choice needs scoring: softmax and balance: aux_loss")
         if self.z_loss_weight > 0 and self.aux_loss_weight == 0:
             # The layer folds the z-loss into its aux term as z_loss_weight / aux_loss_weight (see moe/layer.py).
             raise ValueError("z_loss_weight > 0 needs aux_loss_weight > 0")
         return self
+
+    @property
+    def normalises_topk(self) -> bool:
+        """Whether the chosen experts' weights are renormalised to sum to 1 (norm_topk_prob, resolved)."""
+        if self.norm_topk_prob is not None:
+            return self.norm_topk_prob
+        return self.top_k > 1 or self.scoring == "sigmoid"
 
     @property
     def expert_counts(self) -> list[int]:

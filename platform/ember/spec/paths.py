@@ -37,6 +37,9 @@ def resolve_path(value: str, base: Path) -> str:
 
 def resolve_input_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     result = copy.deepcopy(raw)
+    model = result.get("model")
+    if isinstance(model, dict) and isinstance(model.get("init_from"), str):
+        model["init_from"] = resolve_path(model["init_from"], base)
     if isinstance(result.get("data"), dict):
         _resolve_data_paths(result["data"], base)
     checkpoint = result.get("checkpoint")
@@ -54,6 +57,9 @@ def _resolve_data_paths(data: dict[str, Any], base: Path) -> None:
                 shard_set["urls"] = resolve_path(urls, base)
             elif isinstance(urls, list):
                 shard_set["urls"] = [resolve_path(u, base) if isinstance(u, str) else u for u in urls]
+    tokenizer = data.get("tokenizer")
+    if isinstance(tokenizer, str) and tokenizer != "bytes":
+        data["tokenizer"] = resolve_path(tokenizer, base)
     build = data.get("build")
     if isinstance(build, dict) and isinstance(build.get("out"), str):
         build["out"] = resolve_path(build["out"], base)

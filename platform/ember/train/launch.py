@@ -23,6 +23,7 @@ from rich.console import Console
 
 from ember.data.build import ensure_shards, missing_local_shards
 from ember.errors import InternalError, UserError, find_user_error
+from ember.interop.huggingface import check_init_from
 from ember.observe.progress import ProgressView
 from ember.spec import JobSpec
 from ember.spec.paths import is_under
@@ -42,6 +43,7 @@ def run_job(spec: JobSpec, verbose: bool = False, console: Console | None = None
     if spec.cluster.address == "local":
         ensure_shards(spec.data)  # a remote cluster checks its own paths; locally, fail before Ray starts
         spec.check_local_inputs()
+        check_init_from(spec.model)
     run_dir = prepare_run_dir(spec)
     with ray_session(spec, verbose):
         if spec.cluster.address != "local":

@@ -18,8 +18,10 @@ from ember.checkpoint.manager import CheckpointManager, Retention, lineage_of, r
 from ember.checkpoint.manifest import read_manifest
 from ember.data.cursor import merge_states
 from ember.data.loader import build_stream
+from ember.data.tokenizer import checkpoint_copies
 from ember.errors import UserError
 from ember.observe.images import save_png
+from ember.observe.mfu import device_peak_flops, gpt_flops_per_token, model_flops_utilisation
 from ember.observe.moe_stats import log_routing, mean_over_ranks, routing_stats
 from ember.observe.progress import Reporter
 from ember.observe.step_time import StepClock, peak_memory_gb
@@ -41,6 +43,23 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     reporter = Reporter(config.get("queue"), world.is_main, run_dir / "events.jsonl")
     trainer = Trainer(spec, world, run_dir, reporter, report_to_ray=config.get("report_to_ray", False))
     return trainer.fit()
+
+
+class MFUMeter:
+    """tokens/s -> model FLOPs utilisation of a GPT run (FLOPs per token and the ranks' peak known up front)."""
+
+    def __init__(self, flops_per_token: float, peak_per_rank: float, ranks: int) -> None:
+        self.flops_per_token, self.peak_per_rank, self.ranks = flops_per_token, peak_per_rank, ranks
+
+    @classmethod
+    def for_spec(cls, spec: JobSpec, world: World) -> MFUMeter | None:
+        if spec.model.family != "gpt":
+            return None
+        peak = device_peak_flops(world.device, spec.engine.precision, spec.cluster.peak_tflops)
+        return cls(gpt_flops_per_token(spec.model), peak, world.world_size)
+
+    def __call__(self, tokens_per_s: float) -> float:
+        return model_flops_utilisation(self.flops_per_token, tokens_per_s, self.peak_per_rank, self.ranks)
 
 
 def seed_everything(seed: int) -> None:
@@ -65,6 +84,7 @@ class Trainer:
         self.checkpoints = self._checkpoint_manager(spec, world, run_dir)
         self.tensorboard = TensorBoardLogger(run_dir / "tensorboard", spec.logging.tensorboard and world.is_main)
         self.step = 0
+        self.mfu = MFUMeter.for_spec(spec, world)
         self.skipped_samples = 0
         self.metrics: dict[str, Any] = {}
         self.clock = StepClock()
@@ -83,6 +103,7 @@ class Trainer:
             run_dir / "checkpoints", world, Retention(spec.checkpoint.keep_last, spec.checkpoint.keep_every), facts,
             attempt=attempt[0], run_dir=run_dir, async_save=spec.checkpoint.async_save,
             verify_checksums=spec.checkpoint.verify_checksums,
+            copies=checkpoint_copies(spec),
         )
         manager.clean_stale()
         world.barrier()  # leftovers of dead attempts are gone (and a half-replaced step restored) before resume
@@ -105,7 +126,10 @@ class Trainer:
             if self.step % self.spec.logging.log_every == 0 or self.step == total:
                 elapsed = time.perf_counter() - window_start
                 stats[rate] = window_steps * self.objective.items_per_step / max(elapsed, 1e-9)
-                self.tensorboard.scalars(self.step, {rate: stats[rate]}, prefix="train/")
+                if self.mfu is not None:
+                    stats["mfu"] = self.mfu(stats[rate])
+                speed = {name: stats[name] for name in (rate, "mfu") if name in stats}
+                self.tensorboard.scalars(self.step, speed, prefix="train/")
                 stats |= self.log_step_time()
                 self.reporter.emit("log", step=self.step, total=total, **stats)
                 self.metrics.update(loss=stats["loss"], **{rate: stats[rate]})
@@ -172,8 +196,10 @@ class Trainer:
         total = self.objective.eval_loss(lambda: next(batches), self.spec.schedule.eval_batches)
         batches.close()
         val_loss = self.all_reduce_mean(total).item()
-        self.tensorboard.scalars(self.step, {"loss": val_loss}, prefix="val/")
-        self.reporter.emit("eval", step=self.step, val_loss=val_loss, unit=self.objective.loss_unit)
+        extras = getattr(self.objective, "eval_extras", {})  # the LM's bits per byte
+        self.tensorboard.scalars(self.step, {"loss": val_loss, **extras}, prefix="val/")
+        self.reporter.emit("eval", step=self.step, val_loss=val_loss, unit=self.objective.loss_unit, **extras)
+        self.metrics.update({f"val_{name}": value for name, value in extras.items()})
         self.metrics["val_loss"] = val_loss
 
     def log_skipped_samples(self) -> None:

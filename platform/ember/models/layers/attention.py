@@ -68,8 +68,17 @@ class RaggedKV:
         return torch.cat(outputs, dim=1).unsqueeze(0)
 
 
+def share_kv_heads(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-query attention: query head h reads key/value head h // (heads / kv_heads) (HF's repeat_kv)."""
+    repeat = q.shape[-3] // keys.shape[-3]
+    if repeat == 1:
+        return keys, values
+    return keys.repeat_interleave(repeat, dim=-3), values.repeat_interleave(repeat, dim=-3)
+
+
 def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: int) -> torch.Tensor:
     """Queries at positions past..past+n-1 over keys 0..past+n-1: query j sees keys up to past + j."""
+    keys, values = share_kv_heads(q, keys, values)
     new = q.shape[-2]
     if new == 1:  # one query (a decode step) sees every key: no mask to build
         return F.scaled_dot_product_attention(q, keys, values)
@@ -79,22 +88,50 @@ def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
+Rotary = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) [T, head_dim] of the positions of a forward
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> Rotary:
+    """RoPE as Hugging Face's Llama lays it out: frequency i on dims i and i + head_dim / 2 (rotate_half),
+    computed in fp32 (no buffer: a bf16 cast of the module would round the frequencies)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    with torch.autocast(positions.device.type, enabled=False):
+        angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+    """x [..., T, head_dim] rotated by its positions' angles: x cos + rotate_half(x) sin."""
+    cos, sin = rotary
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True, n_kv_heads: int | None = None
+    ) -> None:
         super().__init__()
-        self.n_heads = n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads or n_heads
+        kv_width = self.n_kv_heads * (d_model // n_heads)
+        self.splits = (d_model, kv_width, kv_width)
+        self.qkv = nn.Linear(d_model, sum(self.splits), bias=bias)  # rows: queries, keys, values, head after head
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, kv: RaggedKV | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: RaggedKV | None = None, rotary: Rotary | None = None) -> torch.Tensor:
         batch, length, width = x.shape
-        q, k, v = self.qkv(x).split(width, dim=2)
-        heads, head_dim = self.n_heads, width // self.n_heads  # explicit: -1 is ambiguous for an empty batch
-        q, k, v = (t.view(batch, length, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.qkv(x).split(self.splits, dim=2)
+        head_dim = width // self.n_heads  # explicit: -1 is ambiguous for an empty batch
+        q = q.view(batch, length, self.n_heads, head_dim).transpose(1, 2)
+        k, v = (t.view(batch, length, self.n_kv_heads, head_dim).transpose(1, 2) for t in (k, v))
+        if rotary is not None:
+            q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         if kv is not None:
             y = kv.attend(q, k, v)
         else:
             dropout = self.dropout if self.training else 0.0
+            k, v = share_kv_heads(q, k, v)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         return self.proj(y.transpose(1, 2).reshape(batch, length, width))

@@ -11,6 +11,7 @@ from ember.engines import build_engine
 from ember.engines.expert_groups import attach_expert_groups
 from ember.generation.diffusion import Denoiser, NoiseSchedule, build_schedule, sample_images
 from ember.models import build_denoiser
+from ember.models.layers.moe.router import update_balance_biases
 from ember.train.ema import EMA
 from ember.train.objectives.base import ModelParts, NextBatch, Sample, class_grid
 from ember.world import ExpertPlacement, World
@@ -78,6 +79,7 @@ class DiffusionObjective:
             self.engine.backward(objective)
             total += loss.detach().double()
         grad_norm = self.engine.step()
+        update_balance_biases(self.engine.module)  # moe.balance: bias, as the LM does
         self.ema.update(self.engine.module)
         means = {"loss": total / self.spec.grad_accumulation}
         if moe is not None:

@@ -3,6 +3,11 @@
     w_in [E_local, d, d_ff], b_in [E_local * d_ff], w_out [E_local, d_ff, d], b_out [E_local * d]
     expert e: y = gelu_tanh(x @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e]   (ember's MLP, per expert)
 
+SwiGLU experts (gated) keep the same four names with w_in twice as wide, gate columns first:
+    h = x @ w_in[e] + b_in[e];  y = (silu(h[:, :d_ff]) * h[:, d_ff:]) @ w_out[e] + b_out[e]
+Without biases (bias: false), b_in and b_out stay as zero buffers: every checkpoint, reshard and serving
+path keeps the one stacked layout.
+
 Biases are stored flat so the optimizer's "decay matrices only" rule treats them as the vectors they are.
 Three ways to run the grouped GEMMs; BACKENDS picks per device from bench/moe_layer.py's measurements:
   segments    one GEMM per expert segment into preallocated buffers, forward and backward in one autograd
@@ -25,13 +30,26 @@ BACKENDS = {"cpu": "segments", "cuda": "segments"}
 
 
 class GroupedExperts(nn.Module):
-    def __init__(self, num_local: int, d_model: int, d_ff: int, group_name: str, backend: str | None = None) -> None:
+    def __init__(
+        self,
+        num_local: int,
+        d_model: int,
+        d_ff: int,
+        group_name: str,
+        backend: str | None = None,
+        gated: bool = False,
+        bias: bool = True,
+    ) -> None:
         super().__init__()
-        self.num_local, self.d_model, self.d_ff = num_local, d_model, d_ff
-        self.w_in = nn.Parameter(torch.empty(num_local, d_model, d_ff))
-        self.b_in = nn.Parameter(torch.zeros(num_local * d_ff))
+        self.num_local, self.d_model, self.d_ff, self.gated = num_local, d_model, d_ff, gated
+        width_in = 2 * d_ff if gated else d_ff
+        self.w_in = nn.Parameter(torch.empty(num_local, d_model, width_in))
         self.w_out = nn.Parameter(torch.empty(num_local, d_ff, d_model))
-        self.b_out = nn.Parameter(torch.zeros(num_local * d_model))
+        for name, size in (("b_in", num_local * width_in), ("b_out", num_local * d_model)):
+            if bias:
+                self.register_parameter(name, nn.Parameter(torch.zeros(size)))
+            else:
+                self.register_buffer(name, torch.zeros(size))
         self.backend = backend
         self.grad_memory = (GradientMemory(), GradientMemory())  # for w_in and w_out
         for param in self.parameters():
@@ -52,15 +70,20 @@ class GroupedExperts(nn.Module):
         backend = self.backend or BACKENDS.get(x.device.type, "segments")
         memory = self.grad_memory if x.device.type == "cpu" else None
         with torch.autocast(x.device.type, enabled=False):
+            if self.gated:
+                return run_gated(x, counts, *weights)
             return RUNNERS[backend](x, counts, *weights, memory=memory)
 
     @torch.no_grad()
-    def load_expert(self, local: int, fc: nn.Linear, proj: nn.Linear) -> None:
-        """Copy one dense expert (an MLP's fc and proj Linear layers) into slot `local`."""
-        self.w_in[local].copy_(fc.weight.t())
-        self.b_in.view(self.num_local, -1)[local].copy_(fc.bias)
+    def load_expert(self, local: int, fc: nn.Linear, proj: nn.Linear, gate: nn.Linear | None = None) -> None:
+        """Copy one dense expert (an MLP's fc, proj and, for SwiGLU, gate Linear layers) into slot `local`."""
+        w_in = fc.weight.t() if gate is None else torch.cat([gate.weight.t(), fc.weight.t()], dim=1)
+        self.w_in[local].copy_(w_in)
         self.w_out[local].copy_(proj.weight.t())
-        self.b_out.view(self.num_local, -1)[local].copy_(proj.bias)
+        if isinstance(self.b_in, nn.Parameter):
+            b_in = fc.bias if gate is None else torch.cat([gate.bias, fc.bias])
+            self.b_in.view(self.num_local, -1)[local].copy_(b_in)
+            self.b_out.view(self.num_local, -1)[local].copy_(proj.bias)
 
 
 def unstack_experts(stacked: dict[str, torch.Tensor], num_local: int) -> list[dict[str, torch.Tensor]]:
@@ -190,6 +213,15 @@ def run_grouped_mm(x, counts, w_in, b_in, w_out, b_out, memory=None) -> torch.Te
     hidden = torch._grouped_mm(x, w_in, offs=offsets) + b_in.index_select(0, owner)
     act = F.gelu(hidden, approximate="tanh")
     return torch._grouped_mm(act, w_out, offs=offsets) + b_out.index_select(0, owner)
+
+
+def run_gated(x, counts, w_in, b_in, w_out, b_out) -> torch.Tensor:
+    """SwiGLU experts, one segment at a time under autograd (no hand-written backward: the GELU path's is)."""
+    outputs = [x.new_zeros((0, x.shape[1]))]
+    for e, lo, hi in segments(counts):
+        gate, up = torch.addmm(b_in[e], x[lo:hi], w_in[e]).chunk(2, dim=-1)
+        outputs.append(torch.addmm(b_out[e], F.silu(gate) * up, w_out[e]))
+    return torch.cat(outputs)
 
 
 def run_padded(x, counts, w_in, b_in, w_out, b_out, memory=None) -> torch.Tensor:

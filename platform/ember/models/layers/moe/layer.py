@@ -36,7 +36,14 @@ class EmberMoE(nn.Module):
     """Top-k routed experts; forward(x [..., d]) -> (y [..., d], aux loss). `last_stats` after each forward."""
 
     def __init__(
-        self, d_model: int, d_ff: int, spec: MoESpec, placement: ExpertPlacement | None = None, dropout: float = 0.0
+        self,
+        d_model: int,
+        d_ff: int,
+        spec: MoESpec,
+        placement: ExpertPlacement | None = None,
+        dropout: float = 0.0,
+        mlp: str = "gelu",
+        bias: bool = True,
     ) -> None:
         nn.Module.__init__(self)  # not super(): DeepSpeed's MoE follows in DeepSpeedEmberMoE's MRO
         self.placement = layer_placement(spec, placement)
@@ -46,8 +53,12 @@ class EmberMoE(nn.Module):
         self.router = TopKRouter(
             d_model, spec.num_experts, spec.top_k, spec.capacity_factor, spec.eval_capacity_factor,
             spec.min_capacity, spec.drop_tokens, spec.noisy_gating, spec.routing == "expert_choice",
+            spec.scoring, spec.norm_topk_prob, spec.balance, spec.bias_update_rate,
         )
-        self.experts = GroupedExperts(self.num_local_experts, d_model, d_ff, self.expert_group_name)
+        self.expert_kind, self.expert_has_bias = mlp, bias
+        self.experts = GroupedExperts(
+            self.num_local_experts, d_model, d_ff, self.expert_group_name, gated=mlp == "swiglu", bias=bias
+        )
         self.dispatcher = TokenDispatcher(self.placement)
         self.dropout = dropout
         # The objective weighs the aux term by aux_loss_weight; folding z in at this ratio gives it z_loss_weight.
@@ -55,6 +66,9 @@ class EmberMoE(nn.Module):
         if spec.residual:  # Residual-MoE: the names DeepSpeed's MoE(use_residual=True) gives them
             self.mlp = MLP(d_model, d_ff, dropout)
             self.coefficient = nn.Linear(d_model, 2)
+        if spec.shared_experts:  # N always-on experts as one FFN N times as wide (the same function)
+            self.shared = MLP(d_model, spec.shared_experts * d_ff, dropout, mlp, bias)
+            self.shared_gate = nn.Linear(d_model, 1, bias=False) if spec.shared_expert_gate else None
         self.register_load_state_dict_pre_hook(_accept_per_expert_layout)
 
     @property
@@ -68,6 +82,9 @@ class EmberMoE(nn.Module):
         if hasattr(self, "mlp"):
             mix = F.softmax(self.coefficient(tokens), dim=-1)
             out = out * mix[:, 0:1] + self.mlp(tokens) * mix[:, 1:]
+        if hasattr(self, "shared"):
+            shared = self.shared(tokens)
+            out = out + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(tokens)) * shared)
         aux = routing.balance_loss + self.z_ratio * routing.z_loss if self.z_ratio else routing.balance_loss
         return out.view(x.shape), aux
 
@@ -80,9 +97,9 @@ class EmberMoE(nn.Module):
 
     def init_experts(self, seed: int, layer: int, init_fn: InitFn) -> None:
         for local, expert_id in enumerate(self.placement.local_experts):
-            expert = MLP(self.experts.d_model, self.experts.d_ff)
+            expert = MLP(self.experts.d_model, self.experts.d_ff, kind=self.expert_kind, bias=self.expert_has_bias)
             init_fn(expert, torch.Generator().manual_seed(hash_seed(seed, layer, expert_id)))
-            self.experts.load_expert(local, expert.fc, expert.proj)
+            self.experts.load_expert(local, expert.fc, expert.proj, getattr(expert, "gate", None))
 
 
 def _accept_per_expert_layout(module: EmberMoE, state, prefix, *args) -> None:
@@ -93,13 +110,20 @@ class MoEFFN(nn.Module):
     """The GPT's MoE feed-forward block: forward(x) -> (y, aux loss), whichever impl is inside."""
 
     def __init__(
-        self, d_model: int, d_ff: int, spec: MoESpec, placement: ExpertPlacement | None = None, dropout: float = 0.0
+        self,
+        d_model: int,
+        d_ff: int,
+        spec: MoESpec,
+        placement: ExpertPlacement | None = None,
+        dropout: float = 0.0,
+        mlp: str = "gelu",
+        bias: bool = True,
     ) -> None:
         super().__init__()
         self.impl = spec.impl
         self.placement = layer_placement(spec, placement)
         if spec.impl == "ember":
-            self.moe = EmberMoE(d_model, d_ff, spec, self.placement, dropout)
+            self.moe = EmberMoE(d_model, d_ff, spec, self.placement, dropout, mlp, bias)
         else:
             self.moe = build_deepspeed_moe(d_model, d_ff, spec, dropout)
 
@@ -137,6 +161,13 @@ def layer_placement(spec: MoESpec, placement: ExpertPlacement | None) -> ExpertP
 
 
 def build_moe_ffn(
-    d_model: int, d_ff: int, spec: MoESpec, placement: ExpertPlacement | None, dropout: float
+    d_model: int,
+    d_ff: int,
+    spec: MoESpec,
+    placement: ExpertPlacement | None,
+    dropout: float,
+    mlp: str = "gelu",
+    bias: bool = True,
 ) -> MoEFFN:
-    return MoEFFN(d_model, d_ff, spec, placement, dropout)
+    """mlp and bias: the experts' kind (gelu or swiglu) and whether they have biases, as the model's FFNs."""
+    return MoEFFN(d_model, d_ff, spec, placement, dropout, mlp, bias)

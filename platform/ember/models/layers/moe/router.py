@@ -24,6 +24,11 @@ top2_2nd_expert_sampling=False, reproduced call for call where rounding or tie-b
   construction (no balance loss), but a token's experts depend on the other tokens of the batch, so it
   is not causal: for LM training only where that is acceptable.
 
+- top_k > 2, sigmoid scoring or bias balancing: experts = topk(scores (+ score_bias), k); weights are the
+  scores (never the bias) of the chosen experts, renormalised to sum 1 when `normalise`; sigmoid scores
+  (DeepSeek-V3) are normalised over experts for the balance loss and the statistics.
+- bias balancing (DeepSeek-V3, auxiliary-loss-free): no balance loss; training forwards count each expert's
+  routes, and `update_balance_biases` moves the bias by rate * sign(mean load - load) after each step.
 Routing is deterministic: nothing is sampled except the noise of noisy gating.
 """
 
@@ -32,6 +37,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -56,15 +62,24 @@ class TopKRouter(nn.Module):
         drop_tokens: bool,
         noisy: bool = False,
         expert_choice: bool = False,
+        scoring: str = "softmax",
+        normalise: bool | None = None,
+        balance: str = "aux_loss",
+        bias_update_rate: float = 1e-3,
     ) -> None:
         super().__init__()
-        if top_k not in (1, 2):
-            raise ValueError(f"top_k={top_k}: the router supports 1 or 2")
-        self.num_experts, self.top_k = num_experts, top_k
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k}: the router needs 1 <= top_k <= num_experts={num_experts}")
+        self.num_experts, self.top_k, self.scoring = num_experts, top_k, scoring
+        self.normalise = normalise if normalise is not None else (top_k > 1 or scoring == "sigmoid")
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.min_capacity, self.drop_tokens, self.expert_choice = min_capacity, drop_tokens, expert_choice
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         self.noise = nn.Linear(d_model, num_experts, bias=False) if noisy else None
+        self.bias_update_rate = bias_update_rate
+        # Registered only for bias balancing: other routers' state dicts (and old checkpoints) stay as they were.
+        self.register_buffer("score_bias", torch.zeros(num_experts) if balance == "bias" else None)
+        self.register_buffer("pending_load", torch.zeros(num_experts) if balance == "bias" else None, persistent=False)
         self.last_stats: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> Routing:
@@ -72,18 +87,36 @@ class TopKRouter(nn.Module):
         with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32, whatever the precision
             logits = F.linear(x.float(), self.gate.weight.float())
             noisy = self._add_noise(x, logits)
-        probs = F.softmax(noisy, dim=1)
+        scores = F.softmax(noisy, dim=1) if self.scoring == "softmax" else torch.sigmoid(noisy)
+        probs = scores if self.scoring == "softmax" else scores / scores.sum(dim=1, keepdim=True)
         if self.expert_choice:
             return self._experts_choose(probs, logits)
-        experts = self._choose(probs, noisy)
+        experts = self._choose(scores, noisy)
         kept = self._keep(experts) if self.drop_tokens else torch.ones_like(experts, dtype=torch.bool)
-        weights = self._weights(probs, experts, kept)
+        weights = self._weights(scores, experts, kept)
         routed = torch.where(kept, experts, self.num_experts)
         counts = torch.bincount(routed.flatten(), minlength=self.num_experts + 1)[: self.num_experts]
         balance = balance_loss(probs, experts[:, 0], self.top_k)
         z_loss = torch.logsumexp(logits, dim=1).square().mean()
         self.last_stats = routing_stats(probs, experts, kept, balance, z_loss)
+        if self.score_bias is not None:
+            self.last_stats["score_bias"] = self.score_bias.detach().float().clone()
+            if self.training and torch.is_grad_enabled():  # a training forward (not eval, not generation)
+                self._record_load(experts)
+            balance = balance.new_zeros(())  # balanced by the bias, not by a loss
         return Routing(routed, weights, counts, balance, z_loss)
+
+    @torch.no_grad()
+    def _record_load(self, experts: torch.Tensor) -> None:
+        # Activation checkpointing recomputes every block once more with the same bias: each load doubles,
+        # and sign(mean - load) does not change.
+        self.pending_load += torch.bincount(experts.flatten(), minlength=self.num_experts).float()
+
+    @torch.no_grad()
+    def apply_load(self, load: torch.Tensor) -> None:
+        """DeepSeek-V3's update: raise the bias of experts below the mean load, lower it above; forget the load."""
+        self.score_bias += self.bias_update_rate * torch.sign(load.mean() - load).to(self.score_bias.dtype)
+        self.pending_load.zero_()
 
     def _experts_choose(self, probs: torch.Tensor, logits: torch.Tensor) -> Routing:
         """Expert choice: routes as [S, E], column e holding e where expert e took the token."""
@@ -104,8 +137,11 @@ class TopKRouter(nn.Module):
         scale = F.softplus(F.linear(x.float(), self.noise.weight.float()))
         return logits + torch.randn_like(logits) * scale
 
-    def _choose(self, probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        first = torch.argmax(probs, dim=1)
+    def _choose(self, scores: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.scoring != "softmax" or self.score_bias is not None or self.top_k > 2:
+            selection = scores if self.score_bias is None else scores + self.score_bias.float()
+            return torch.topk(selection, self.top_k, dim=1).indices
+        first = torch.argmax(scores, dim=1)
         if self.top_k == 1:
             return first.unsqueeze(1)
         second = torch.argmax(logits.masked_fill(F.one_hot(first, self.num_experts).bool(), float("-inf")), dim=1)
@@ -118,11 +154,25 @@ class TopKRouter(nn.Module):
             return keep_like_deepspeed_top1(experts[:, 0], self.num_experts, capacity).unsqueeze(1)
         return keep_first_come(experts, self.num_experts, capacity)
 
-    def _weights(self, probs: torch.Tensor, experts: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        chosen = probs.gather(1, experts) * kept
-        if self.top_k == 1:
+    def _weights(self, scores: torch.Tensor, experts: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        chosen = scores.gather(1, experts) * kept  # the bias chose the experts; it never weighs them
+        if not self.normalise:
             return chosen
         return chosen / torch.clamp(chosen.sum(dim=1, keepdim=True), min=torch.finfo(chosen.dtype).eps)
+
+
+@torch.no_grad()
+def update_balance_biases(model: nn.Module) -> None:
+    """After an optimizer step: move every bias-balanced router's expert bias by the load it saw, summed over
+    all ranks first (one all-reduce), so every replica of a router keeps the same bias."""
+    routers = [m for m in model.modules() if isinstance(m, TopKRouter) and m.score_bias is not None]
+    if not routers:
+        return
+    loads = torch.cat([router.pending_load for router in routers])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(loads)
+    for router, load in zip(routers, loads.split([r.num_experts for r in routers]), strict=True):
+        router.apply_load(load)
 
 
 def deepspeed_capacity(tokens: int, num_experts: int, factor: float, min_capacity: int) -> int:
