@@ -161,6 +161,7 @@ def test_cli_export_of_a_model_without_a_twin_exits_2_naming_the_option(tmp_path
                               "data": {"train": {"urls": "unused.tar"}}})
     checkpoint = tmp_path / "checkpoints" / "step_000001"
     (checkpoint / "engine").mkdir(parents=True)
+    (checkpoint / "engine" / "weights.pt").write_bytes(b"never read: the refusal comes first")
     write_manifest(checkpoint, {"step": 1, "world_size": 1, "spec": spec.model_dump(mode="json")})
     with pytest.raises(SystemExit) as exit_info:
         main(["ckpt", "export", str(tmp_path), "--format", "hf", "--out", str(tmp_path / "hf")])

@@ -18,7 +18,7 @@ LAYERS = [
     {"train", "serve", "evaluate", "cluster"},
     {"generation"},
     {"engines"},
-    {"checkpoint", "data", "observe"},
+    {"checkpoint", "data", "observe", "interop"},  # interop: Hugging Face names and configs (not in DESIGN.md yet)
     {"models"},
     {"spec", "world", "errors", "registry"},
 ]
