@@ -27,7 +27,7 @@ def generate(
     runner = DecodeRunner(model)
     plan, generated = StepPlan(admit=[Admit(0, prompt_tokens, params)]), []
     while True:
-        generated.append(runner.step(plan)[0])
+        generated.append(runner.step(plan)[0].token)
         reason = finish_reason(generated, len(prompt_tokens), max_tokens, model.spec.seq_len, stop or [])
         if reason is not None:
             return Completion(generated, decode_bytes(generated), reason)
