@@ -394,3 +394,73 @@ def test_metrics_are_prometheus_text(server: str) -> None:
         assert f"# TYPE {name} " in text and f"\n{name} " in text
     assert 'ember_requests_total{path="/v1/completions",status="200"}' in text
     assert requests.get(f"{server}/health", timeout=30).json()["status"] == "ok"
+
+
+def fuzzed_bodies():
+    """JSON bodies for both text routes: valid fields with wrong types, extremes, huge or empty values, unicode
+    (lone surrogates too), token ids outside the vocabulary, unknown fields; generation kept short."""
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40)
+
+    def nested(inner):
+        return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+
+    values = st.recursive(scalars, nested, max_leaves=8)
+    extremes = st.sampled_from([
+        0, -1, 1, 2, 20, 21, 2**31, 2**63 - 1, 2**63, 2**64, -(2**63), 1e-300, 1e300, 1e-5, 0.5, 2.0, 100.0,
+        "", "a" * 3000, "\x00", "\ud800", "ﬀ𝔘é\n", [], {}, [300], [255, 0, 1], [[1, 2], [3]], [0] * 40, [-1], ["", "x"],
+        ["\n"] * 9, True, {"include_usage": True}, {"include_usage": "yes"}, {"300": 5}, {"7": 100}, {"²": 1},
+        [{"role": "user", "content": "hi"}], [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        [{"role": "nobody"}], "ep2", "ep1", "gpt-4",
+    ])  # fmt: skip
+    names = st.sampled_from([
+        "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "n", "best_of", "stop", "stream",
+        "stream_options", "logprobs", "echo", "presence_penalty", "frequency_penalty", "repetition_penalty",
+        "logit_bias", "user", "suffix", "model", "messages", "max_completion_tokens", "top_logprobs", "bogus", "",
+    ])  # fmt: skip
+    fields = st.dictionaries(names, extremes | values, max_size=4)
+    within_bounds = st.fixed_dictionaries({}, optional={
+        "temperature": st.floats(0, 2), "top_k": st.integers(-1, 300), "top_p": st.floats(0.01, 1),
+        "seed": st.integers(0, 2**63 - 1), "n": st.integers(1, 3), "logprobs": st.integers(0, 5), "echo": st.booleans(),
+        "stream": st.booleans(), "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
+        "repetition_penalty": st.floats(0.01, 10), "stop": st.text(min_size=1, max_size=3),
+        "logit_bias": st.dictionaries(st.integers(0, 255).map(str), st.floats(-100, 100), max_size=3),
+    })  # fmt: skip
+    base = st.fixed_dictionaries(
+        {"prompt": st.sampled_from(PROMPTS) | st.text(max_size=12), "max_tokens": st.integers(0, 3)}
+    )
+    chat = st.fixed_dictionaries({"messages": st.just([{"role": "user", "content": "hi"}]), "max_tokens": st.just(2)})
+    route = st.sampled_from(
+        [f"{app}/v1/{kind}" for app in ("", "/ep1") for kind in ("completions", "chat/completions")]
+    )
+    bodies = st.tuples(st.one_of(base, chat, st.just({})), within_bounds, st.just({}) | fields)
+    return st.tuples(route, bodies.map(lambda parts: {key: v for part in parts for key, v in part.items()}))
+
+
+def test_two_thousand_fuzzed_bodies_get_200_or_an_openai_4xx_and_break_nothing(server: str, run_dir: Path) -> None:
+    from hypothesis import HealthCheck, given, settings
+
+    session, statuses = requests.Session(), []
+    restarts_before = restarts(server), restarts(f"{server}/ep1")
+
+    @settings(max_examples=2000, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(fuzzed_bodies())
+    def post(case) -> None:
+        path, body = case
+        data = json.dumps(body).encode("utf-8", errors="surrogatepass")
+        headers = {**AUTH, "Content-Type": "application/json"}
+        response = session.post(f"{server}{path}", data=data, headers=headers, timeout=120)
+        statuses.append(response.status_code)
+        assert response.status_code == 200 or 400 <= response.status_code < 500, (body, response.text)
+        if response.status_code != 200:
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+        else:  # a 200 stream carries no error event either
+            assert 'data: {"error"' not in response.text, (body, response.text)
+
+    post()
+    assert len(statuses) >= 2000 and statuses.count(200) >= 100  # many generated, the rest refused
+    assert (restarts(server), restarts(f"{server}/ep1")) == restarts_before
+    expected = reference(run_dir, PROMPTS[1], 16, temperature=0)
+    assert complete(server, PROMPTS[1], max_tokens=16, temperature=0)["tokens"] == expected
