@@ -78,11 +78,13 @@ class DecodeRunner:
         """
         for seq_id in plan.retire:
             self.live.pop(seq_id, None)
-        refused = {admit.seq_id: Picked(error=problem) for admit in plan.admit if (problem := self.refusal(admit))}
+        refused = {}
         for admit in plan.admit:
-            if admit.seq_id not in refused:
-                cache, generator = self.model.new_cache(), admit.params.generator()
-                self.live[admit.seq_id] = LiveSequence(cache, admit, generator, list(admit.prompt))
+            admitted = self.admitted(admit)
+            if isinstance(admitted, str):
+                refused[admit.seq_id] = Picked(error=admitted)
+            else:
+                self.live[admit.seq_id] = admitted
         ids = [admit.seq_id for admit in plan.admit if admit.seq_id not in refused] + list(plan.decode)
         sequences = [self.live[seq_id] for seq_id in ids]
         lengths = [len(seq.pending) for seq in sequences]
@@ -97,13 +99,18 @@ class DecodeRunner:
                 self.live.pop(seq_id)
         return picked
 
-    def refusal(self, admit: Admit) -> str | None:
+    def admitted(self, admit: Admit) -> LiveSequence | str:
+        """The new sequence, or why this runner cannot take it."""
         vocab, context = self.model.spec.vocab_size, self.model.spec.seq_len
         if not 0 < len(admit.prompt) <= context:
             return f"prompt: {len(admit.prompt)} tokens; the model's context is {context}"
         if not all(0 <= token < vocab for token in admit.prompt):
             return f"prompt: a token outside the model's vocabulary of {vocab}"
-        return None
+        try:
+            generator = admit.params.generator()
+        except (RuntimeError, ValueError, OverflowError) as exc:  # e.g. a seed of 2^64 or more
+            return f"sampling failed: seed {admit.params.seed}: {exc}"
+        return LiveSequence(self.model.new_cache(), admit, generator, list(admit.prompt))
 
     def pick(self, seq: LiveSequence, rows: torch.Tensor) -> Picked:
         """The next token from the last row; log-probabilities from the raw rows, as vLLM reports them."""
