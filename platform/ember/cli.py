@@ -306,6 +306,9 @@ def serve_(
     chat_template: Annotated[
         Path | None, typer.Option(help="Jinja2 chat template (as Hugging Face tokenizers use): /v1/chat/completions.")
     ] = None,
+    kv_cache_mb: Annotated[
+        float | None, typer.Option(min=0.001, help="KV-cache budget per rank in MiB; admission waits for room in it.")
+    ] = None,
     max_waiting: Annotated[
         int | None, typer.Option(min=1, help="Sequences that may wait for a slot; past it, 503 (default 4 x batch).")
     ] = None,
@@ -325,6 +328,7 @@ def serve_(
         )
     template = ChatTemplate.read(chat_template).source if chat_template is not None else None
     options = ServeOptions(str(path), ep, replicas, host, port, token, max_batch=max_batch, max_waiting=max_waiting,
+                           kv_cache_mb=kv_cache_mb,
                            max_tokens_limit=max_tokens, rank_cpus=cpus_per_rank, served_model_name=served_model_name,
                            chat_template=template)  # fmt: skip
     run_server(options, address, device, lambda line: console.print(line, markup=False, soft_wrap=True))

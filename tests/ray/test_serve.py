@@ -464,3 +464,15 @@ def test_two_thousand_fuzzed_bodies_get_200_or_an_openai_4xx_and_break_nothing(s
     assert (restarts(server), restarts(f"{server}/ep1")) == restarts_before
     expected = reference(run_dir, PROMPTS[1], 16, temperature=0)
     assert complete(server, PROMPTS[1], max_tokens=16, temperature=0)["tokens"] == expected
+
+
+def test_langchain_openai_llm_with_its_defaults(server: str, run_dir: Path) -> None:
+    from langchain_openai import OpenAI
+
+    # its defaults (top_p 1, penalties 0, n 1, ...) but greedy, to compare, and max_tokens within the context
+    llm = OpenAI(model="ep2", base_url=f"{server}/v1", api_key=TOKEN, temperature=0, max_tokens=12, max_retries=0)
+    expected = reference_completion(run_dir, PROMPTS[2], 12, ["\n"], temperature=0)
+    assert llm.invoke(PROMPTS[2], stop=["\n"]) == expected.text.split("\n")[0]
+    assert [piece for piece in llm.stream(PROMPTS[2])] and llm.batch(PROMPTS[:2]) == [
+        reference_completion(run_dir, prompt, 12, temperature=0).text for prompt in PROMPTS[:2]
+    ]

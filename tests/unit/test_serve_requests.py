@@ -64,3 +64,39 @@ def test_expert_choice_checkpoints_are_refused_with_the_field_named() -> None:
     refuse_expert_choice(tiny_gpt().spec)  # token choice serves
     with pytest.raises(UserError, match="expert_choice"):
         refuse_expert_choice(tiny_gpt(routing="expert_choice", impl="ember").spec)
+
+
+def test_the_kv_budget_counts_what_a_sequence_allocates_and_admission_keeps_to_it() -> None:
+    import asyncio
+
+    from ember.serve.batching import StepLoop
+    from ember.serve.memory import MIB, kv_bytes_per_sequence, sequences_per_rank
+
+    model = tiny_gpt()
+    runner = DecodeRunner(model)
+    runner.step(StepPlan(admit=[Admit(0, [1, 2, 3], SamplingParams(temperature=0))]))
+    cache = runner.live[0].cache
+    allocated = sum(t.numel() * t.element_size() for t in [*cache.keys, *cache.values])
+    assert kv_bytes_per_sequence(model.spec) == allocated
+    assert sequences_per_rank(model.spec, 2.5 * allocated / MIB, max_batch=64) == 2
+    with pytest.raises(UserError, match="--kv-cache-mb"):
+        sequences_per_rank(model.spec, 0.5 * allocated / MIB, max_batch=64)
+
+    held = []
+
+    async def step(plans: list[StepPlan]) -> dict:
+        picked = runner.step(plans[0])
+        held.append(len(runner.live))
+        return picked
+
+    async def main() -> list[list[int]]:
+        loop = StepLoop(step, ranks=1, seq_len=32, max_batch=64, max_per_rank=2)
+        loop.start()
+
+        async def one(prompt: list[int]) -> list[int]:
+            return [p.token async for p, _ in loop.generate(prompt, 4, SamplingParams(temperature=0), stop=[])]
+
+        return await asyncio.gather(*(one([5 + i]) for i in range(5)))
+
+    runner = DecodeRunner(model)
+    assert len(asyncio.run(main())) == 5 and max(held) == 2  # five requests, a budget of two caches

@@ -27,6 +27,7 @@ from ember.serve.chat import ChatTemplate
 from ember.serve.expert_actor import ShardGroup
 from ember.serve.http import build_api
 from ember.serve.images import ImageQuery, ImageSampler
+from ember.serve.memory import kv_bytes_per_sequence, sequences_per_rank
 from ember.serve.metrics import RequestCounts, prometheus_text
 from ember.serve.placement import serving_spec
 from ember.serve.protocol import ApiError, ChatRequest
@@ -47,6 +48,7 @@ class ServeOptions:
     token: str | None = None
     name: str = "ember"
     max_batch: int = 64  # running sequences per replica
+    kv_cache_mb: float | None = None  # per rank; admission waits for room in it (default: max_batch alone)
     max_waiting: int | None = None  # sequences waiting for a slot before requests get 503; default 4 x max_batch
     served_model_name: str | None = None  # the `model` clients name; default: `name`
     chat_template: str | None = None  # Jinja2 source (--chat-template FILE), checked by check_options
@@ -108,8 +110,10 @@ class EmberServer:
             self.max_tokens_limit = options.max_tokens_limit or self.seq_len
             self.group = await ShardGroup.start(str(checkpoint), options.ep_size, options.rank_cpus, options.use_gpu)
             self.max_sequences = options.max_waiting or 4 * options.max_batch
+            per_rank = sequences_per_rank(spec.model, options.kv_cache_mb, options.max_batch)
+            self.kv_bytes = kv_bytes_per_sequence(spec.model)
             self.step_loop = StepLoop(
-                self.group.step, options.ep_size, self.seq_len, options.max_batch, self.max_sequences
+                self.group.step, options.ep_size, self.seq_len, options.max_batch, self.max_sequences, per_rank
             )
             self.step_loop.start()
         else:
@@ -164,6 +168,7 @@ class EmberServer:
                 "ember_running_sequences": ("gauge", "Sequences in the running batch.", len(loop.running)),
                 "ember_steps_total": ("counter", "Decode steps run.", loop.steps),
                 "ember_step_seconds_total": ("counter", "Seconds spent in decode steps.", loop.step_seconds),
+                "ember_kv_cache_bytes": ("gauge", "KV cache of running sequences.", len(loop.running) * self.kv_bytes),
             })  # fmt: skip
         return prometheus_text(self.counts, gauges)
 
@@ -189,6 +194,7 @@ def check_options(options: ServeOptions) -> ServeOptions:
     if spec.model.family == "gpt":
         serving_spec(spec, options.ep_size)  # refuses an EP size that does not divide the experts
         refuse_expert_choice(spec.model)
+        sequences_per_rank(spec.model, options.kv_cache_mb, options.max_batch)  # refuses a budget holding none
     elif options.ep_size != 1:
         raise UserError(f"--ep {options.ep_size}: a {spec.model.family} model is served by one process; use --ep 1")
     if options.chat_template is not None:

@@ -46,9 +46,12 @@ class Sequence:
 
 
 class StepLoop:
-    def __init__(self, step: StepFn, ranks: int, seq_len: int, max_batch: int = 64, max_waiting: int = 256) -> None:
+    def __init__(
+        self, step: StepFn, ranks: int, seq_len: int, max_batch: int = 64, max_waiting: int = 256,
+        max_per_rank: int | None = None,
+    ) -> None:  # fmt: skip
         self.step_fn, self.ranks, self.seq_len, self.max_batch = step, ranks, seq_len, max_batch
-        self.max_waiting = max_waiting
+        self.max_waiting, self.max_per_rank = max_waiting, max_per_rank  # per rank: its KV-cache budget
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
         self.retiring: list[Sequence] = []
@@ -124,10 +127,13 @@ class StepLoop:
             else:
                 plans[sequence.rank].decode.append(sequence.seq_id)
         while self.waiting and len(self.running) < self.max_batch:
+            rank = min(range(self.ranks), key=lambda r: (len(plans[r].admit) + len(plans[r].decode), r))
+            if self.max_per_rank is not None and len(plans[rank].admit) + len(plans[rank].decode) >= self.max_per_rank:
+                break  # the least loaded rank's cache budget is full: wait for a sequence to retire
             sequence = self.waiting.popleft()
             if sequence.cancelled:
                 continue
-            sequence.rank = min(range(self.ranks), key=lambda r: (len(plans[r].admit) + len(plans[r].decode), r))
+            sequence.rank = rank
             admit = Admit(sequence.seq_id, sequence.prompt, sequence.params, sequence.logprobs,
                           sequence.prompt_logprobs)  # fmt: skip
             plans[sequence.rank].admit.append(admit)
