@@ -100,3 +100,24 @@ def test_the_kv_budget_counts_what_a_sequence_allocates_and_admission_keeps_to_i
 
     runner = DecodeRunner(model)
     assert len(asyncio.run(main())) == 5 and max(held) == 2  # five requests, a budget of two caches
+
+
+def test_a_full_waiting_line_refuses_new_sequences_instead_of_queueing_them() -> None:
+    import asyncio
+
+    from ember.serve.batching import Overloaded, StepLoop
+    from ember.serve.completions import failure
+
+    async def main() -> None:
+        loop = StepLoop(lambda plans: asyncio.sleep(0), ranks=1, seq_len=32, max_waiting=1)  # never started
+        first = loop.generate([1], 2, SamplingParams(), stop=[])
+        waiting = asyncio.ensure_future(first.__anext__())
+        await asyncio.sleep(0)
+        assert not loop.room(1)
+        with pytest.raises(Overloaded) as raised:
+            await loop.generate([2], 2, SamplingParams(), stop=[]).__anext__()
+        refusal = failure(raised.value)
+        assert (refusal.status, refusal.headers) == (503, {"Retry-After": "1"})
+        waiting.cancel()
+
+    asyncio.run(main())
