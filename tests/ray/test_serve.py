@@ -250,7 +250,7 @@ def test_a_killed_rank_restarts_the_whole_group_and_serving_resumes(server: str,
             return None
         return response.json()["data"][0]["ranks"] if response.status_code == 200 else None
 
-    before = ranks()
+    before, restarted = ranks(), restarts(server)
     os.kill(before[1]["pid"], signal.SIGKILL)
     deadline = time.monotonic() + 240
     while (now := ranks()) is None or {r["pid"] for r in now} & {r["pid"] for r in before}:
@@ -258,6 +258,7 @@ def test_a_killed_rank_restarts_the_whole_group_and_serving_resumes(server: str,
         time.sleep(1)
     expected = reference(run_dir, PROMPTS[2], 16, temperature=0)
     assert complete(server, PROMPTS[2], max_tokens=16, temperature=0)["tokens"] == expected
+    assert restarts(server) == restarted + 1  # what /metrics counts
 
 
 def test_a_stop_string_ends_the_completion_with_finish_reason_stop(server: str, run_dir: Path) -> None:
