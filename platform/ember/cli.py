@@ -354,9 +354,23 @@ def serve_(
     max_tokens: Annotated[int | None, typer.Option(min=1, help="Cap on max_tokens (default: context).")] = None,
     cpus_per_rank: Annotated[float, typer.Option(min=0.01, help="Ray CPUs reserved per EP rank.")] = 0.5,
     device: Annotated[str, typer.Option(help="auto (GPUs when the cluster has them), cpu or cuda.")] = "auto",
+    served_model_name: Annotated[
+        str | None, typer.Option(help="The model name clients send and get back (default: ember).")
+    ] = None,
+    chat_template: Annotated[
+        Path | None, typer.Option(help="Jinja2 chat template (as Hugging Face tokenizers use): /v1/chat/completions.")
+    ] = None,
+    kv_cache_mb: Annotated[
+        float | None, typer.Option(min=0.001, help="KV-cache budget per rank in MiB; admission waits for room in it.")
+    ] = None,
+    max_waiting: Annotated[
+        int | None, typer.Option(min=1, help="Sequences that may wait for a slot; past it, 503 (default 4 x batch).")
+    ] = None,
 ) -> None:
-    """Serve a checkpoint over HTTP: /v1/completions (EP ranks, continuous batching), /v1/images, /healthz."""
+    """Serve a checkpoint over HTTP, OpenAI-compatible: /v1/completions, /v1/chat/completions (EP ranks, continuous
+    batching), /v1/images, /v1/models, /health, /metrics."""
     from ember.serve.app import ServeOptions, run_server
+    from ember.serve.chat import ChatTemplate
 
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device {device}: use auto, cpu or cuda")
@@ -366,8 +380,11 @@ def serve_(
             f"--host {host}: serving beyond this machine needs --token-file F (a bearer token every request must "
             "send; e.g. `openssl rand -hex 24 > F`); Ray's own token does not protect the HTTP port"
         )
-    options = ServeOptions(str(path), ep, replicas, host, port, token, max_batch=max_batch,
-                           max_tokens_limit=max_tokens, rank_cpus=cpus_per_rank)  # fmt: skip
+    template = ChatTemplate.read(chat_template).source if chat_template is not None else None
+    options = ServeOptions(str(path), ep, replicas, host, port, token, max_batch=max_batch, max_waiting=max_waiting,
+                           kv_cache_mb=kv_cache_mb,
+                           max_tokens_limit=max_tokens, rank_cpus=cpus_per_rank, served_model_name=served_model_name,
+                           chat_template=template)  # fmt: skip
     run_server(options, address, device, lambda line: console.print(line, markup=False, soft_wrap=True))
 
 

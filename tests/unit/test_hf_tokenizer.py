@@ -92,13 +92,13 @@ def test_bits_per_byte_counts_the_text_each_token_stands_for(bpe_shards):
 
 def test_streamed_text_pieces_add_up_to_the_decoded_completion(bpe_shards):
     from ember.generation.decode import encode_prompt, finish_reason
-    from ember.serve.http import TextDecoder
+    from ember.serve.completions import ChoiceText
 
     tokenizer = TextTokenizer(str(bpe_shards / "tokenizer.json"))
     text = "def héllo(wörld):\n    return 'ünïcode' + 1\n"
     tokens = tokenizer.encode(text)
-    decoder = TextDecoder(tokenizer)
-    pieces = [decoder.feed([token], final=i == len(tokens) - 1) for i, token in enumerate(tokens)]
+    choice = ChoiceText([], tokenizer)
+    pieces = [choice.add(token, "length" if i == len(tokens) - 1 else None) for i, token in enumerate(tokens)]
     assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
     assert encode_prompt(text, tokenizer) == tokens and encode_prompt("", tokenizer) == [0]
     assert finish_reason(tokens, 1, 100, 1000, ["return"], tokenizer) == "stop"

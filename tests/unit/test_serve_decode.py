@@ -51,7 +51,7 @@ def test_runner_greedy_tokens_equal_argmax_of_the_full_forward() -> None:
     runner, prompt, tokens = DecodeRunner(model), [10, 20, 30], []
     plan = StepPlan(admit=[Admit(7, prompt, SamplingParams(temperature=0))])
     for _ in range(6):
-        tokens.append(runner.step(plan)[7])
+        tokens.append(runner.step(plan)[7].token)
         plan = StepPlan(decode=[7])
     expected = list(prompt)
     with torch.no_grad():
@@ -100,14 +100,14 @@ def test_step_loop_batches_admits_and_retires_with_the_reference_answers() -> No
     runners = [DecodeRunner(model), DecodeRunner(model)]  # two "ranks" (no experts split: no collectives)
     widest = []
 
-    async def step(plans: list[StepPlan]) -> dict[int, int]:
+    async def step(plans: list[StepPlan]) -> dict:
         widest.append(sum(len(p.admit) + len(p.decode) for p in plans))
         return {k: v for runner, plan in zip(runners, plans, strict=True) for k, v in runner.step(plan).items()}
 
     def alone(prompt: list[int], length: int, params: SamplingParams) -> list[int]:
         runner, plan, out = DecodeRunner(model), StepPlan(admit=[Admit(0, prompt, params)]), []
         for _ in range(length):
-            out.append(runner.step(plan)[0])
+            out.append(runner.step(plan)[0].token)
             plan = StepPlan(decode=[0])
         return out
 
@@ -118,7 +118,7 @@ def test_step_loop_batches_admits_and_retires_with_the_reference_answers() -> No
         loop.start()
 
         async def one(prompt, length, params) -> list[int]:
-            return [token async for token, _ in loop.generate(prompt, length, params, stop=[])]
+            return [picked.token async for picked, _ in loop.generate(prompt, length, params, stop=[])]
 
         return await asyncio.gather(*(one(*job) for job in jobs))
 

@@ -1,4 +1,4 @@
-"""Autoregressive sampling: greedy, temperature, top-k and top-p (nucleus), seeded."""
+"""Autoregressive sampling: greedy, temperature, top-k and top-p (nucleus), penalties and logit bias, seeded."""
 
 from __future__ import annotations
 
@@ -7,21 +7,48 @@ from dataclasses import dataclass
 
 import torch
 
+GREEDY_BELOW = 1e-5  # temperatures under this pick greedily (as vLLM does): 1/T would overflow the logits
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one sequence picks its tokens; temperature 0 is greedy. The seed fixes the whole sequence."""
+    """How one sequence picks its tokens; temperature 0 is greedy. The seed fixes the whole sequence.
+
+    Penalties as vLLM applies them: repetition divides the positive logits (multiplies the negative ones) of
+    every token seen in the prompt or the output; presence and frequency subtract from the output's tokens.
+    """
 
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
     seed: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def generator(self) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed(self.seed)
 
-    def pick(self, logits: torch.Tensor, generator: torch.Generator) -> int:
-        return pick_token(logits.float().cpu(), self.temperature, self.top_k, generator, self.top_p)
+    def pick(
+        self, logits: torch.Tensor, generator: torch.Generator, prompt: list[int] = (), generated: list[int] = ()
+    ) -> int:
+        logits = self.adjust(logits.float().cpu(), prompt, generated)
+        return pick_token(logits, self.temperature, self.top_k, generator, self.top_p)
+
+    def adjust(self, logits: torch.Tensor, prompt: list[int], generated: list[int]) -> torch.Tensor:
+        """Logit bias and penalties applied to a copy of one row of logits."""
+        logits = logits.clone()
+        for token, bias in self.logit_bias:
+            logits[token] += bias
+        if self.repetition_penalty != 1.0 and (prompt or generated):
+            seen = torch.tensor(sorted(set(prompt) | set(generated)), dtype=torch.long)
+            values = logits[seen]
+            logits[seen] = torch.where(values > 0, values / self.repetition_penalty, values * self.repetition_penalty)
+        if (self.presence_penalty or self.frequency_penalty) and generated:
+            counts = torch.bincount(torch.tensor(generated, dtype=torch.long), minlength=logits.numel()).float()
+            logits -= self.frequency_penalty * counts + self.presence_penalty * (counts > 0).float()
+        return logits
 
 
 @torch.no_grad()
@@ -48,7 +75,7 @@ def sample_tokens(
 def pick_token(
     logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator, top_p: float | None = None
 ) -> int:
-    if temperature <= 0:
+    if temperature < GREEDY_BELOW:
         return int(logits.argmax())
     logits = logits / temperature
     if top_k is not None and top_k < logits.numel():

@@ -6,13 +6,16 @@
 Each replica of the `EmberServer` deployment owns a placement group: bundle 0 for the replica (the HTTP
 routes and the step loop), bundles 1..N for its N expert-parallel ranks (serve/expert_actor.py). The
 replica's health check pings every rank; a rank that died or hangs fails it, and Serve replaces the
-replica and with it the whole group (the survivors would otherwise block in their collectives).
+replica and with it the whole group (the survivors would otherwise block in their collectives). Every
+replica start is counted by a small named actor of the application (StartCounter): starts beyond the
+replica count are restarts, which /metrics reports.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,10 +26,14 @@ from ember.data.tokenizer import checkpoint_tokenizer
 from ember.errors import UserError
 from ember.generation.sampling import SamplingParams
 from ember.serve.batching import StepLoop
+from ember.serve.chat import ChatTemplate
 from ember.serve.expert_actor import ShardGroup
 from ember.serve.http import build_api
 from ember.serve.images import ImageQuery, ImageSampler
+from ember.serve.memory import kv_bytes_per_sequence, sequences_per_rank
+from ember.serve.metrics import RequestCounts, prometheus_text
 from ember.serve.placement import serving_spec
+from ember.serve.protocol import ApiError, ChatRequest
 from ray import serve
 
 HEALTH_PING_TIMEOUT_S = 20.0
@@ -42,38 +49,84 @@ class ServeOptions:
     token: str | None = None
     name: str = "ember"
     max_batch: int = 64  # running sequences per replica
+    kv_cache_mb: float | None = None  # per rank; admission waits for room in it (default: max_batch alone)
+    max_waiting: int | None = None  # sequences waiting for a slot before requests get 503; default 4 x max_batch
+    served_model_name: str | None = None  # the `model` clients name; default: `name`
+    chat_template: str | None = None  # Jinja2 source (--chat-template FILE), checked by check_options
     max_tokens_limit: int | None = None  # per request; default: the model's context length
     max_body_bytes: int = 1 << 16
     replica_cpus: float = 0.25
     rank_cpus: float = 0.5
     use_gpu: bool = False
     verified: bool = False  # the checkpoint folder was resolved and its checksums checked (check_options)
+    deployment_id: str = ""  # names this deployment's StartCounter (set by build_app)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.name
+
+
+class StartCounter:
+    """Counts the starts of one deployment's replicas (a named Ray actor; restarts = starts - replicas)."""
+
+    def __init__(self) -> None:
+        self.starts = 0
+
+    def started(self) -> int:
+        self.starts += 1
+        return self.starts
+
+    def count(self) -> int:
+        return self.starts
+
+
+COUNTER_NAMESPACE = "ember-serve"
+
+
+def counter_name(options: ServeOptions) -> str:
+    return f"starts-{options.name}-{options.deployment_id}"
+
+
+def start_counter(options: ServeOptions):
+    import ray
+
+    remote = ray.remote(num_cpus=0)(StartCounter)
+    # DEFAULT: outside the replica's placement group, which goes (with what it holds) when the replica dies
+    return remote.options(name=counter_name(options), namespace=COUNTER_NAMESPACE, get_if_exists=True,
+                          lifetime="detached", scheduling_strategy="DEFAULT").remote()  # fmt: skip
 
 
 @serve.deployment
 @serve.ingress()
 class EmberServer:
     async def __init__(self, options: ServeOptions) -> None:
-        self.options = options
+        self.options, self.model_name, self.counts = options, options.model_name, RequestCounts()
+        self.starts = start_counter(options)
+        await self.starts.started.remote()
         checkpoint, _, spec = read_checkpoint_spec(Path(options.checkpoint), verify=False)  # check_options did
         self.family, self.step_loop, self.sampler = spec.model.family, None, None
+        self.chat_template = ChatTemplate(options.chat_template) if options.chat_template else None
         if self.family == "gpt":
-            self.seq_len = spec.model.seq_len
+            self.seq_len, self.vocab_size = spec.model.seq_len, spec.model.vocab_size
             self.max_tokens_limit = options.max_tokens_limit or self.seq_len
             self.group = await ShardGroup.start(str(checkpoint), options.ep_size, options.rank_cpus, options.use_gpu)
             self.tokenizer = checkpoint_tokenizer(checkpoint, spec)
+            self.max_sequences = options.max_waiting or 4 * options.max_batch
+            per_rank = sequences_per_rank(spec.model, options.kv_cache_mb, options.max_batch)
+            self.kv_bytes = kv_bytes_per_sequence(spec.model)
             self.step_loop = StepLoop(
-                self.group.step, options.ep_size, self.seq_len, options.max_batch, self.tokenizer
+                self.group.step, options.ep_size, self.seq_len, options.max_batch, self.max_sequences, per_rank,
+                self.tokenizer,
             )
             self.step_loop.start()
         else:
-            self.seq_len = self.max_tokens_limit = 0
+            self.seq_len = self.max_tokens_limit = self.vocab_size = self.max_sequences = 0
             self.sampler = ImageSampler(checkpoint, spec)
             self.image_lock = asyncio.Lock()
         self.checkpoint = str(checkpoint)
 
     def __serve_build_asgi_app__(self):
-        return build_api(self, self.options.token, self.options.max_body_bytes)
+        return build_api(self, self.options.token, self.options.max_body_bytes, self.counts)
 
     # ---- what the routes use (serve/http.py's Backend) ----
     def describe(self) -> dict[str, Any]:
@@ -92,8 +145,35 @@ class EmberServer:
             return "the step loop stopped"
         return None
 
-    def generate(self, prompt: list[int], max_tokens: int, params: SamplingParams, stop: list[str]):
-        return self.step_loop.generate(prompt, max_tokens, params, stop)
+    def generate(self, prompt: list[int], max_tokens: int, params: SamplingParams, stop: list[str],
+                 logprobs: int | None = None, prompt_logprobs: bool = False):  # fmt: skip
+        return self.step_loop.generate(prompt, max_tokens, params, stop, logprobs, prompt_logprobs)
+
+    def room(self, sequences: int) -> bool:
+        return self.step_loop.room(sequences)
+
+    def chat_prompt(self, request: ChatRequest) -> str:
+        if self.chat_template is None:
+            raise ApiError(400, "this server has no chat template: start `ember serve` with --chat-template FILE "
+                           "(a Jinja2 template, as Hugging Face tokenizers use) to serve /v1/chat/completions",
+                           "messages", "no_chat_template")  # fmt: skip
+        return self.chat_template.render(request.messages)
+
+    async def metrics(self) -> str:
+        restarts = max(0, await self.starts.count.remote() - self.options.replicas)
+        gauges = {"ember_replica_restarts_total": ("counter", "Replica starts beyond the first of each.", restarts)}
+        if self.step_loop is not None:
+            loop = self.step_loop
+            gauges.update({
+                "ember_generated_tokens_total": ("counter", "Tokens generated by this replica.", loop.tokens_out),
+                "ember_prompt_tokens_total": ("counter", "Prompt tokens admitted by this replica.", loop.tokens_in),
+                "ember_queue_depth": ("gauge", "Sequences waiting for a slot.", len(loop.waiting)),
+                "ember_running_sequences": ("gauge", "Sequences in the running batch.", len(loop.running)),
+                "ember_steps_total": ("counter", "Decode steps run.", loop.steps),
+                "ember_step_seconds_total": ("counter", "Seconds spent in decode steps.", loop.step_seconds),
+                "ember_kv_cache_bytes": ("gauge", "KV cache of running sequences.", len(loop.running) * self.kv_bytes),
+            })  # fmt: skip
+        return prometheus_text(self.counts, gauges)
 
     async def images(self, query: ImageQuery) -> list[bytes]:
         async with self.image_lock:  # one sampling at a time, off the event loop
@@ -116,14 +196,34 @@ def check_options(options: ServeOptions) -> ServeOptions:
     checkpoint, _, spec = read_checkpoint_spec(Path(options.checkpoint), verify=not options.verified)
     if spec.model.family == "gpt":
         serving_spec(spec, options.ep_size)  # refuses an EP size that does not divide the experts
+        refuse_expert_choice(spec.model)
+        sequences_per_rank(spec.model, options.kv_cache_mb, options.max_batch)  # refuses a budget holding none
     elif options.ep_size != 1:
         raise UserError(f"--ep {options.ep_size}: a {spec.model.family} model is served by one process; use --ep 1")
+    if options.chat_template is not None:
+        try:
+            ChatTemplate(options.chat_template)
+        except ValueError as exc:
+            raise UserError(f"--chat-template: not a Jinja2 template ({exc})") from exc
     return replace(options, checkpoint=str(checkpoint), verified=True)
+
+
+def refuse_expert_choice(model) -> None:
+    """Expert-choice routing picks each expert's tokens among the whole batch: a served token's output would
+    depend on the other requests in its step, so served text could not equal `ember generate`'s."""
+    for block in model.moe_layers:
+        if model.moe_layer_spec(block).routing == "expert_choice":
+            raise UserError(
+                f"model.moe.routing: expert_choice (block {block}) cannot be served: each expert picks its tokens "
+                "among the whole batch, so a request's output would depend on the others decoded with it; "
+                "serve a token_choice model"
+            )
 
 
 def build_app(options: ServeOptions):
     """The Serve application: one deployment whose replicas each own their ranks' placement group."""
     options = check_options(options)
+    options = replace(options, deployment_id=options.deployment_id or secrets.token_hex(4))
     _, _, spec = read_checkpoint_spec(Path(options.checkpoint), verify=False)
     ranks = options.ep_size if spec.model.family == "gpt" else 0
     rank_bundle = {"CPU": options.rank_cpus, **({"GPU": 1} if options.use_gpu else {})}
@@ -161,7 +261,8 @@ def run_server(options: ServeOptions, address: str | None, device: str, say) -> 
     started = time.monotonic()
     try:
         has_gpus = ray.cluster_resources().get("GPU", 0) >= options.ep_size
-        options = replace(options, use_gpu=device == "cuda" or (device == "auto" and has_gpus))
+        options = replace(options, use_gpu=device == "cuda" or (device == "auto" and has_gpus),
+                          deployment_id=secrets.token_hex(4))  # fmt: skip
         start_application(options)
         where = f"http://{options.host}:{options.port}"
         ready = time.monotonic() - started
@@ -171,4 +272,15 @@ def run_server(options: ServeOptions, address: str | None, device: str, say) -> 
             time.sleep(3600)
     finally:
         serve.shutdown()
+        _kill_counter(options)
         ray.shutdown()
+
+
+def _kill_counter(options: ServeOptions) -> None:
+    """The detached counter outlives the application on a cluster this process only joined."""
+    import ray
+
+    try:
+        ray.kill(ray.get_actor(counter_name(options), namespace=COUNTER_NAMESPACE))
+    except ValueError:  # no replica started
+        pass

@@ -6,7 +6,8 @@
 Rank r loads the dense weights and only its experts (serve/weights.py); every step runs the full forward
 on every rank, so each MoE layer exchanges tokens with all-to-all exactly as in training (a rank with no
 sequences sends and receives nothing, but takes part). Rank 0 opens a TCPStore on a free port and hands
-it to the others; all ranks must then call init_process_group at the same time, or it deadlocks.
+it to the others; all ranks must then call init_process_group at the same time, or it deadlocks. Pings run
+on a concurrency group of their own (a thread beside the steps'), so a long step does not fail a health check.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ember.generation.decode import DecodeRunner, StepPlan
+import ray
+from ember.generation.decode import DecodeRunner, Picked, StepPlan
 from ember.world import World, backend_for, resolve_device
 
 GROUP_TIMEOUT = datetime.timedelta(seconds=60)  # a dead rank unblocks the others' collectives after this
@@ -38,8 +40,6 @@ class ExpertShard:
 
     def open_store(self) -> tuple[str, int]:
         """Rank 0: a TCPStore on a free port of this node; returns (host, port) for the others."""
-        import ray
-
         host = ray.util.get_node_ip_address()  # not 127.0.0.1: the ranks may sit on several nodes
         self.store = dist.TCPStore(host, 0, self.world_size, is_master=True, wait_for_workers=False)
         return host, self.store.port
@@ -62,7 +62,7 @@ class ExpertShard:
         self.runner = DecodeRunner(model.to(self.device), self.device)
         return self.describe()
 
-    def step(self, plan: StepPlan) -> dict[int, int]:
+    def step(self, plan: StepPlan) -> dict[int, Picked]:
         return self.runner.step(plan)
 
     def describe(self) -> dict[str, Any]:
@@ -85,6 +85,7 @@ class ExpertShard:
             "device": str(self.device),
         }
 
+    @ray.method(concurrency_group="health")
     def ping(self) -> bool:
         return self.runner is not None
 
@@ -100,10 +101,8 @@ class ShardGroup:
     async def start(cls, checkpoint: str, world_size: int, bundle_cpus: float, use_gpu: bool) -> ShardGroup:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        import ray
-
         group = ray.util.get_current_placement_group()
-        remote = ray.remote(ExpertShard)
+        remote = ray.remote(concurrency_groups={"health": 1})(ExpertShard)
         actors = []
         for rank in range(world_size):
             placement = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank + 1)
@@ -114,7 +113,7 @@ class ShardGroup:
         descriptions = await asyncio.wait_for(asyncio.gather(*joins), START_TIMEOUT_S)
         return cls(actors, list(descriptions))
 
-    async def step(self, plans: list[StepPlan]) -> dict[int, int]:
+    async def step(self, plans: list[StepPlan]) -> dict[int, Picked]:
         calls = [actor.step.remote(plan) for actor, plan in zip(self.actors, plans, strict=True)]
         results = await asyncio.gather(*calls)
         return {seq_id: token for picked in results for seq_id, token in picked.items()}
@@ -123,7 +122,5 @@ class ShardGroup:
         await asyncio.wait_for(asyncio.gather(*(actor.ping.remote() for actor in self.actors)), timeout_s)
 
     def stop(self) -> None:
-        import ray
-
         for actor in self.actors:
             ray.kill(actor)

@@ -31,7 +31,7 @@ def generate(
     runner = DecodeRunner(model)
     plan, generated = StepPlan(admit=[Admit(0, prompt_tokens, params)]), []
     while True:
-        generated.append(runner.step(plan)[0])
+        generated.append(runner.step(plan)[0].token)
         reason = finish_reason(generated, len(prompt_tokens), max_tokens, model.spec.seq_len, stop or [], tokenizer)
         if reason is not None:
             return Completion(generated, tokenizer.decode(generated), reason)

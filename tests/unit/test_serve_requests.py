@@ -1,0 +1,123 @@
+"""What keeps one request from breaking a replica, without Ray: a bad sequence fails alone, sampling stays
+finite at any temperature, penalties match vLLM's formulas, streamed text equals the collected text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember.errors import UserError
+from ember.generation.decode import Admit, DecodeRunner, StepPlan
+from ember.generation.sampling import SamplingParams, decode_bytes
+from ember.models import build_model
+from ember.serve.app import refuse_expert_choice
+from ember.serve.completions import ChoiceText
+from ember.spec.model import GPTSpec, MoESpec
+
+
+def tiny_gpt(**moe):
+    spec = GPTSpec(d_model=32, n_layers=2, n_heads=2, seq_len=32, moe=MoESpec(num_experts=4, drop_tokens=False, **moe))
+    return build_model(spec, seed=1).eval()
+
+
+def test_a_sequence_the_model_cannot_take_fails_alone_and_the_others_decode_on() -> None:
+    runner, greedy = DecodeRunner(tiny_gpt()), SamplingParams(temperature=0)
+    alone = DecodeRunner(tiny_gpt()).step(StepPlan(admit=[Admit(0, [10, 20], greedy)]))[0].token
+    bad = [Admit(1, [10, 300], greedy), Admit(2, [1] * 33, greedy), Admit(3, [5], SamplingParams(seed=2**64))]
+    picked = runner.step(StepPlan(admit=[Admit(0, [10, 20], greedy), *bad]))
+    assert "vocabulary" in picked[1].error and "context" in picked[2].error and "sampling" in picked[3].error
+    assert picked[0].token == alone and set(runner.live) == {0}
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-6, 1e-3, 10.0])
+def test_any_allowed_temperature_picks_a_token_of_the_vocabulary(temperature: float) -> None:
+    logits = torch.randn(256, generator=torch.Generator().manual_seed(0)) * 30
+    params = SamplingParams(temperature=temperature, seed=3)
+    token = params.pick(logits, params.generator())
+    assert 0 <= token < 256 and (temperature > 1e-5 or token == int(logits.argmax()))
+
+
+def test_penalties_and_logit_bias_follow_vllms_formulas() -> None:
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0])
+    prompt, generated = [0, 1], [3, 3, 4]
+    params = SamplingParams(
+        presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0, logit_bias=((2, 1.5),)
+    )
+    expected = [2.0 / 2, -1.0 * 2, 0.5 + 1.5, 3.0 / 2 - 0.5 - 0.25 * 2, -2.0 * 2 - 0.5 - 0.25]
+    assert params.adjust(logits, prompt, generated).tolist() == pytest.approx(expected)
+
+
+def test_streamed_text_holds_back_what_a_stop_string_may_need_and_equals_the_collected_text() -> None:
+    tokens, stop = list("héllo wörld, bye".encode()), ["ld,", "zz"]
+    whole = decode_bytes(tokens)
+    stream, pieces = ChoiceText(stop), []
+    for i, token in enumerate(tokens):
+        ends = "ld," in decode_bytes(tokens[: i + 1])
+        pieces.append(stream.add(token, "stop" if ends else None))
+        if ends:
+            break
+    assert "".join(pieces) == whole[: whole.index("ld,")]
+    assert all("l" not in piece or "ld," not in piece for piece in pieces)
+
+
+def test_expert_choice_checkpoints_are_refused_with_the_field_named() -> None:
+    refuse_expert_choice(tiny_gpt().spec)  # token choice serves
+    with pytest.raises(UserError, match="expert_choice"):
+        refuse_expert_choice(tiny_gpt(routing="expert_choice", impl="ember").spec)
+
+
+def test_the_kv_budget_counts_what_a_sequence_allocates_and_admission_keeps_to_it() -> None:
+    import asyncio
+
+    from ember.serve.batching import StepLoop
+    from ember.serve.memory import MIB, kv_bytes_per_sequence, sequences_per_rank
+
+    model = tiny_gpt()
+    runner = DecodeRunner(model)
+    runner.step(StepPlan(admit=[Admit(0, [1, 2, 3], SamplingParams(temperature=0))]))
+    cache = runner.live[0].cache
+    allocated = sum(t.numel() * t.element_size() for t in [*cache.keys, *cache.values])
+    assert kv_bytes_per_sequence(model.spec) == allocated
+    assert sequences_per_rank(model.spec, 2.5 * allocated / MIB, max_batch=64) == 2
+    with pytest.raises(UserError, match="--kv-cache-mb"):
+        sequences_per_rank(model.spec, 0.5 * allocated / MIB, max_batch=64)
+
+    held = []
+
+    async def step(plans: list[StepPlan]) -> dict:
+        picked = runner.step(plans[0])
+        held.append(len(runner.live))
+        return picked
+
+    async def main() -> list[list[int]]:
+        loop = StepLoop(step, ranks=1, seq_len=32, max_batch=64, max_per_rank=2)
+        loop.start()
+
+        async def one(prompt: list[int]) -> list[int]:
+            return [p.token async for p, _ in loop.generate(prompt, 4, SamplingParams(temperature=0), stop=[])]
+
+        return await asyncio.gather(*(one([5 + i]) for i in range(5)))
+
+    runner = DecodeRunner(model)
+    assert len(asyncio.run(main())) == 5 and max(held) == 2  # five requests, a budget of two caches
+
+
+def test_a_full_waiting_line_refuses_new_sequences_instead_of_queueing_them() -> None:
+    import asyncio
+
+    from ember.serve.batching import Overloaded, StepLoop
+    from ember.serve.completions import failure
+
+    async def main() -> None:
+        loop = StepLoop(lambda plans: asyncio.sleep(0), ranks=1, seq_len=32, max_waiting=1)  # never started
+        first = loop.generate([1], 2, SamplingParams(), stop=[])
+        waiting = asyncio.ensure_future(first.__anext__())
+        await asyncio.sleep(0)
+        assert not loop.room(1)
+        with pytest.raises(Overloaded) as raised:
+            await loop.generate([2], 2, SamplingParams(), stop=[]).__anext__()
+        refusal = failure(raised.value)
+        assert (refusal.status, refusal.headers) == (503, {"Retry-After": "1"})
+        waiting.cancel()
+
+    asyncio.run(main())
