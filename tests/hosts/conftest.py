@@ -5,6 +5,7 @@ it fails instead, since CI is where this tier must run."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -29,8 +30,8 @@ def require_namespaces() -> None:
         pytest.skip(str(reason))
 
 
-@pytest.fixture(scope="session")
-def host_cluster() -> Iterator[HostCluster]:
+@contextlib.contextmanager
+def made_hosts() -> Iterator[HostCluster]:
     """host1 and host2 (cluster hosts, shared folder) and laptop (outside the cluster); removed at the end."""
     require_namespaces()
     cluster = HostCluster.create(owner_pid=os.getpid())
@@ -41,6 +42,13 @@ def host_cluster() -> Iterator[HostCluster]:
         yield cluster
     finally:
         cluster.down()
+
+
+@pytest.fixture(scope="session")
+def host_cluster() -> Iterator[HostCluster]:
+    """The hosts the Ray cluster runs on (tests may lose a host and add fresh ones)."""
+    with made_hosts() as cluster:
+        yield cluster
 
 
 @dataclass
