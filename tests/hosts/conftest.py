@@ -5,12 +5,20 @@ it fails instead, since CI is where this tier must run."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from tests.hosts.harness import HostCluster, HostsUnavailable, check_namespaces_available
+from tests.hosts.harness import Host, HostCluster, HostsUnavailable, check_namespaces_available
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def require_namespaces() -> None:
@@ -22,8 +30,8 @@ def require_namespaces() -> None:
         pytest.skip(str(reason))
 
 
-@pytest.fixture(scope="session")
-def host_cluster() -> Iterator[HostCluster]:
+@contextlib.contextmanager
+def made_hosts() -> Iterator[HostCluster]:
     """host1 and host2 (cluster hosts, shared folder) and laptop (outside the cluster); removed at the end."""
     require_namespaces()
     cluster = HostCluster.create(owner_pid=os.getpid())
@@ -34,3 +42,54 @@ def host_cluster() -> Iterator[HostCluster]:
         yield cluster
     finally:
         cluster.down()
+
+
+@pytest.fixture(scope="session")
+def host_cluster() -> Iterator[HostCluster]:
+    """The hosts the Ray cluster runs on (tests may lose a host and add fresh ones)."""
+    with made_hosts() as cluster:
+        yield cluster
+
+
+@dataclass
+class RayHosts:
+    """A Ray cluster across namespaced hosts: head on host1 at its own IP, host2 joined with the token."""
+
+    hosts: HostCluster
+    head_output: str  # what `ember up` printed on the head
+    gcs: str  # HEAD_IP:6379
+    dashboard: str  # http://HEAD_IP:8265
+    token: str
+    workers: list[Host]  # the hosts joined to the head
+
+    def ember(self, host: Host, *args: str, env: dict[str, str] | None = None,
+              timeout: float = 300) -> subprocess.CompletedProcess:
+        """`python -m ember.cli ARGS` on `host`, from the repository's folder (the checkout on a laptop)."""
+        return host.run([sys.executable, "-m", "ember.cli", *args], env=env, cwd=str(REPO), timeout=timeout)
+
+    def join(self, host: Host) -> None:
+        """Hands the head's token to `host` the way a person would (a copy of the file), then joins."""
+        copy = host.outside("/tmp/auth_token")
+        copy.write_text(self.token)
+        joined = self.ember(host, "up", "--join", self.gcs, "--num-cpus", "1", "--token-file", "/tmp/auth_token")
+        assert joined.returncode == 0, joined.stdout + joined.stderr
+        self.workers.append(host)
+
+
+@pytest.fixture(scope="session")
+def ray_hosts(host_cluster: HostCluster) -> Iterator[RayHosts]:
+    """One CPU per host, so a 2-worker job puts one rank on each. Started once: each Ray start costs ~20 s."""
+    head = host_cluster.hosts["host1"]
+    started = head.run([sys.executable, "-m", "ember.cli", "up", "--ip", head.ip, "--num-cpus", "1"], cwd=str(REPO),
+                       timeout=300)
+    assert started.returncode == 0, started.stdout + started.stderr
+    token = head.outside(f"{head.home}/.ray/auth_token").read_text().strip()
+    cluster = RayHosts(host_cluster, started.stdout, f"{head.ip}:6379", f"http://{head.ip}:8265", token, [])
+    cluster.join(host_cluster.hosts["host2"])
+    yield cluster  # the hosts' teardown kills every process of every host
+
+
+@pytest.fixture(scope="session")
+def shared_shards(host_cluster: HostCluster, text_shards: Path) -> Path:
+    """The session's text shards copied onto the cluster's shared folder."""
+    return Path(shutil.copytree(text_shards, host_cluster.shared_dir / "shards"))

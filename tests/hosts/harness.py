@@ -97,6 +97,7 @@ class Host:
     netns: str
     folder: Path  # this machine's view of the host's private tmp/, shm/ (unused) and home/
     shared: bool
+    link: str = ""  # the outside end of its veth pair, on the bridge
     holder_pid: int = 0
     started: list[subprocess.Popen] = field(default_factory=list, repr=False)
 
@@ -131,7 +132,7 @@ class Host:
 
     def outside(self, path: str) -> Path:
         """This machine's path for a file under the host's private /tmp or $HOME (to read its logs)."""
-        for inside, folder in (("/tmp", "tmp"), (HOME_IN_HOST, "home")):
+        for inside, folder in (("/tmp", "tmp"), ("/home", "home")):
             if path == inside or path.startswith(inside + "/"):
                 return self.folder / folder / os.path.relpath(path, inside)
         return Path(path)
@@ -141,7 +142,11 @@ class Host:
 
     def kill(self) -> None:
         """The whole host goes down at once: every process in its network namespace gets SIGKILL."""
-        kill_all(self.pids())
+        for _ in range(5):  # again, for any process forked while the first ones died
+            pids = self.pids()
+            if not pids:
+                break
+            kill_all(pids)
         for process in self.started:
             with contextlib.suppress(Exception):
                 process.wait(timeout=1)
@@ -157,6 +162,7 @@ class HostCluster:
         self.root = STATE_ROOT / f"net{net}"
         self.bridge = f"ember{net}br"
         self.hosts: dict[str, Host] = {}
+        self.last_index = 1  # .1 is the bridge
 
     @property
     def shared_dir(self) -> Path:
@@ -188,11 +194,11 @@ class HostCluster:
         return cluster
 
     def add_host(self, name: str, shared: bool = True) -> Host:
-        """A new host with the next free address; `shared=False` makes a laptop without the shared folder."""
-        taken = {int(host.ip.rsplit(".", 1)[1]) for host in self.hosts.values()}
-        index = next(i for i in range(2, 255) if i not in taken)
+        """A new host with the next address; `shared=False` makes a laptop without the shared folder."""
+        # a fresh address even where a removed host's is free: a host that replaces a dead one is another machine
+        self.last_index = index = self.last_index + 1
         host = Host(name=name, ip=f"{SUBNET_PREFIX}.{self.net}.{index}", netns=f"ember{self.net}-{name}",
-                    folder=self.root / "hosts" / name, shared=shared)
+                    folder=self.root / "hosts" / name, shared=shared, link=f"e{self.net}x{index}")
         self.hosts[name] = host
         self.save()
         self.write_etc_hosts()
@@ -202,7 +208,7 @@ class HostCluster:
         return host
 
     def make_network(self, host: Host, index: int) -> None:
-        outside, inside = f"e{self.net}x{index}", f"e{self.net}y{index}"  # interface names: 15 characters at most
+        outside, inside = host.link, f"e{self.net}y{index}"  # interface names: 15 characters at most
         ip("netns", "add", host.netns)
         ip("link", "add", outside, "type", "veth", "peer", "name", inside)
         ip("link", "set", inside, "netns", host.netns)
@@ -250,6 +256,7 @@ class HostCluster:
         """Kills the host's processes and removes its namespace (its veth pair goes with it)."""
         host = self.hosts.pop(name)
         host.kill()
+        ip("link", "del", host.link, check=False)  # explicitly: a namespace still referenced keeps its veth alive
         ip("netns", "del", host.netns, check=False)
         shutil.rmtree(host.folder, ignore_errors=True)
         self.save()
@@ -261,15 +268,16 @@ class HostCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def save(self) -> None:
-        hosts = [{"name": h.name, "ip": h.ip, "netns": h.netns, "shared": h.shared, "holder_pid": h.holder_pid}
-                 for h in self.hosts.values()]
-        state = {"net": self.net, "owner_pid": self.owner_pid, "hosts": hosts}
+        hosts = [{"name": h.name, "ip": h.ip, "netns": h.netns, "shared": h.shared, "link": h.link,
+                  "holder_pid": h.holder_pid} for h in self.hosts.values()]
+        state = {"net": self.net, "owner_pid": self.owner_pid, "last_index": self.last_index, "hosts": hosts}
         (self.root / "state.json").write_text(json.dumps(state, indent=1))
 
     @classmethod
     def load(cls, root: Path) -> HostCluster:
         state = json.loads((root / "state.json").read_text())
         cluster = cls(state["net"], state["owner_pid"])
+        cluster.last_index = state.get("last_index", 1)
         for entry in state["hosts"]:
             cluster.hosts[entry["name"]] = Host(folder=cluster.root / "hosts" / entry["name"], **entry)
         return cluster

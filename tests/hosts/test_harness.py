@@ -6,13 +6,22 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 
 import pytest
 
-from tests.hosts.conftest import require_namespaces
+from tests.hosts.conftest import made_hosts, require_namespaces
 from tests.hosts.harness import HostCluster
 
 pytestmark = pytest.mark.hosts
+
+
+@pytest.fixture(scope="module")
+def host_cluster() -> Iterator[HostCluster]:
+    """Hosts of this module's own (the session's may have lost one to a failure test)."""
+    with made_hosts() as cluster:
+        yield cluster
 
 # host2 answers one TCP connection with the address it saw the caller at
 ECHO_PEER = """
@@ -57,13 +66,18 @@ def test_only_cluster_hosts_see_the_shared_folder(host_cluster: HostCluster) -> 
 def test_down_removes_namespaces_links_and_processes() -> None:
     require_namespaces()
     cluster = HostCluster.create(owner_pid=os.getpid())
-    host = cluster.add_host("lone")
-    sleeper = host.popen(["sleep", "600"])
-    pids = host.pids()
-    assert sleeper.pid in pids and host.holder_pid in pids
-    cluster.down()
+    try:
+        host = cluster.add_host("lone")
+        sleeper = host.popen(["sleep", "600"])
+        deadline = time.monotonic() + 10
+        while sleeper.pid not in host.pids():  # nsenter enters the host's namespaces just after it starts
+            assert time.monotonic() < deadline, "the process never appeared in the host's namespace"
+            time.sleep(0.01)
+        assert host.holder_pid in host.pids()
+    finally:
+        cluster.down()
     assert host.netns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-    assert cluster.bridge not in links and f"e{cluster.net}x" not in links
+    assert cluster.bridge not in links and host.link not in links
     assert sleeper.poll() is not None
     assert not cluster.root.exists()

@@ -1,0 +1,124 @@
+"""ember across hosts with their own addresses and disks: a head bound to host1's IP, host2 joining with
+the head's token, and jobs submitted from a laptop that shares no storage with the cluster."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import shard_overrides
+from tests.hosts.conftest import RayHosts
+
+pytestmark = pytest.mark.hosts
+# A tiny-moe step takes ~30 ms: the job must outlast its first commit (step 20) by the time a host takes to die
+STEPS = 200
+
+# Run on host1 with the token: every alive node's IP, and the hostname a task pinned to host2's node sees.
+WHERE_TASKS_RUN = """
+import socket, sys
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+ray.init(address=sys.argv[1], log_to_driver=False)
+nodes = {n["NodeManagerAddress"]: n["NodeID"] for n in ray.nodes() if n["Alive"]}
+print(" ".join(sorted(nodes)))
+pinned = NodeAffinitySchedulingStrategy(nodes[sys.argv[2]], soft=False)
+hostname = ray.remote(num_cpus=0)(lambda: socket.gethostname())
+print(ray.get(hostname.options(scheduling_strategy=pinned).remote()))
+"""
+
+
+def test_a_worker_host_joins_the_head_at_its_own_ip_with_the_token(ray_hosts: RayHosts) -> None:
+    host1, host2 = ray_hosts.hosts.hosts["host1"], ray_hosts.hosts.hosts["host2"]
+    assert f"ember up --join {host1.ip}:6379 --token-file auth_token" in ray_hosts.head_output  # how to join
+    seen = host1.run([sys.executable, "-c", WHERE_TASKS_RUN, ray_hosts.gcs, host2.ip], env={"RAY_AUTH_MODE": "token"},
+                     timeout=120)
+    assert seen.returncode == 0, seen.stderr[-3000:]
+    ips, hostname = seen.stdout.split("\n")[:2]
+    assert ips.split() == sorted([host1.ip, host2.ip]) and hostname == "host2"
+
+
+def test_a_host_without_the_token_is_refused(ray_hosts: RayHosts) -> None:
+    laptop = ray_hosts.hosts.hosts["laptop"]
+    refused = ray_hosts.ember(laptop, "up", "--join", ray_hosts.gcs, "--num-cpus", "1")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().count("\n") == 0 and "--token-file" in refused.stderr, refused.stderr
+    assert not laptop.outside(f"{laptop.home}/.ray/auth_token").exists()  # no token was made up
+
+
+def events(run_dir: Path) -> list[dict]:
+    path = run_dir / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def submit_from_laptop(ray_hosts: RayHosts, *args: str):
+    laptop = ray_hosts.hosts.hosts["laptop"]
+    return ray_hosts.ember(laptop, "submit", "jobs/debug/tiny-moe.yaml", "--address", ray_hosts.dashboard, *args,
+                           env={"RAY_AUTH_TOKEN": ray_hosts.token})
+
+
+def follow_from_laptop(ray_hosts: RayHosts, job: str) -> tuple[str, str]:
+    """`ember logs --follow` until the job ends, then its status: both from the laptop."""
+    laptop, env = ray_hosts.hosts.hosts["laptop"], {"RAY_AUTH_TOKEN": ray_hosts.token}
+    logs = ray_hosts.ember(laptop, "logs", job, "--follow", "--address", ray_hosts.dashboard, env=env, timeout=400)
+    assert logs.returncode == 0, logs.stderr[-3000:]
+    status = ray_hosts.ember(laptop, "status", job, "--address", ray_hosts.dashboard, env=env)
+    return logs.stdout, status.stdout.strip()
+
+
+def test_submit_from_a_laptop_refuses_paths_the_cluster_cannot_see(ray_hosts: RayHosts) -> None:
+    refused = submit_from_laptop(ray_hosts)  # the spec's own shards and the default run_dir: this laptop's
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    for field in ("run_dir: not set", "data.train.urls:", "data.val.urls:", "data.build.out:", "--shared"):
+        assert field in refused.stderr, refused.stderr
+
+
+def test_a_run_dir_that_is_not_shared_storage_fails_fast(ray_hosts: RayHosts, shared_shards) -> None:
+    # /tmp exists on every host but is each host's own: declared shared, it is the probe that catches it
+    sets = ["run_dir=/tmp/not-shared/run", *shard_overrides(shared_shards)]
+    started = time.monotonic()
+    shared = ["--shared", str(ray_hosts.hosts.shared_dir), "--shared", "/tmp/not-shared"]
+    submitted = submit_from_laptop(ray_hosts, *shared, *[p for s in sets for p in ("--set", s)])
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    logs, status = follow_from_laptop(ray_hosts, submitted.stdout.split("submitted ")[1].split()[0])
+    assert status == "FAILED", logs[-4000:]
+    assert "run_dir /tmp/not-shared/run is not the same storage on every host" in logs, logs[-4000:]
+    assert time.monotonic() - started < 90
+
+
+def committed(run_dir: Path) -> list[int]:
+    """Steps of committed checkpoints: the manifest is written last, its presence is the commit."""
+    return sorted(int(path.parent.name.split("_")[1]) for path in run_dir.glob("checkpoints/step_*/manifest.json"))
+
+
+def test_a_laptop_job_on_shared_storage_survives_losing_a_whole_host(ray_hosts: RayHosts, shared_shards) -> None:
+    """Submitted from the laptop; at its first commit every process of host2 dies at once; a fresh host joins
+    with the token and the job resumes from the newest committed checkpoint and succeeds. The logs stream to
+    the laptop."""
+    shared, hosts = ray_hosts.hosts.shared_dir, ray_hosts.hosts
+    run_dir = shared / "runs/from-laptop"
+    sets = [f"run_dir={run_dir}", *shard_overrides(shared_shards), "logging.sample_tokens=0", f"schedule.steps={STEPS}",
+            "schedule.eval_every=1000", "checkpoint.every_n_steps=20", "cluster.max_failures=3"]
+    submitted = submit_from_laptop(ray_hosts, "--shared", str(shared), *[p for s in sets for p in ("--set", s)])
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job = submitted.stdout.split("submitted ")[1].split()[0]
+
+    deadline = time.monotonic() + 300
+    while not committed(run_dir):  # the fault's injection point: the first committed checkpoint
+        assert time.monotonic() < deadline, "no committed checkpoint within 300 s"
+        time.sleep(0.1)
+    host2 = ray_hosts.workers.pop()
+    hosts.remove_host(host2.name)  # SIGKILL to every process of the host at once, then its network is gone
+    newest_at_loss = committed(run_dir)[-1]
+    ray_hosts.join(hosts.add_host("host3"))
+
+    logs, status = follow_from_laptop(ray_hosts, job)
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert f"done: {run_dir}" in logs  # streamed to the laptop
+    resumes = [event for event in events(run_dir) if event["kind"] == "resume"]
+    # the newest commit when the host died (or one rank 0 finished committing after): retention has removed it since
+    assert resumes and resumes[0]["step"] >= newest_at_loss and resumes[0]["step"] % 20 == 0, resumes
+    assert committed(run_dir)[-1] == STEPS
