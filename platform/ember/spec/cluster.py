@@ -19,7 +19,10 @@ class ClusterSpec(Section):
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="Extra Ray resources per worker, e.g. {accelerator_type:H100: 0.01}."
     )
-    max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train may make (-1 = unlimited).")
+    max_failures: int = Field(
+        0, ge=-1, description="Worker-group restarts after a failure (-1 = unlimited); a user error, or the same "
+        "failure again at the same step, is never retried.",
+    )
 
     @field_validator("address")
     @classmethod
