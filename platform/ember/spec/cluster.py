@@ -23,7 +23,10 @@ class ClusterSpec(Section):
         None, gt=0, description="Peak TFLOP/s of one worker's device for MFU; default: a table of known GPUs, "
         "else a short matmul probe.",
     )
-    max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train may make (-1 = unlimited).")
+    max_failures: int = Field(
+        0, ge=-1, description="Worker-group restarts after a failure (-1 = unlimited); a user error, or the same "
+        "failure again at the same step, is never retried.",
+    )
     shared_dirs: list[str] = Field(
         default_factory=list,
         description="Absolute folders every cluster host mounts at the same path (NFS, Lustre). Submitting from "
