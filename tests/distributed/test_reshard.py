@@ -359,3 +359,18 @@ def test_zero0_groups_regrow_each_layers_experts_in_module_order():
     regrown = relayout_groups(groups, EXPERTS, ep_size=1)
     assert regrown[0] == ["ln_f.weight"]
     assert regrown[1] == [f"{prefix}{e}.{p}" for e in range(4) for p in ("fc.weight", "proj.weight")]
+
+
+@pytest.mark.parametrize("version", ["0.18.9", "0.20.0", "1.0.0"])
+def test_a_deepspeed_other_than_the_tested_one_is_refused_before_its_files_are_read(monkeypatch, version):
+    """The layout resharding reads is DeepSpeed 0.19's: another version gets a message, not a wrong model."""
+    import deepspeed
+
+    from ember.engines.deepspeed.reshard import reshard_problem
+
+    monkeypatch.setattr(deepspeed, "__version__", version)
+    problem = reshard_problem(ds=None)  # the version is checked first: no engine is touched
+    assert problem is not None and f"this is DeepSpeed {version}" in problem and "deepspeed==0.19.*" in problem
+    monkeypatch.setattr(deepspeed, "__version__", "0.19.8")
+    with pytest.raises(AttributeError):  # the tested version goes on to look at the engine
+        reshard_problem(ds=None)

@@ -52,6 +52,7 @@ STACKED_NAME = re.compile(r"^(.*\.)experts\.(w_in|b_in|w_out|b_out)$")  # ember'
 EXPERTS_OF_LAYER = PER_EXPERT.split("{}")[0]  # a MoE layer's name + this: the prefix of its experts' names
 PER_EXPERT_PARAM = {"w_in": "fc.weight", "b_in": "fc.bias", "w_out": "proj.weight", "b_out": "proj.bias"}
 EP_GROUP = re.compile(r"^ep_size_(\d+)$")
+TESTED_DEEPSPEED = ((0, 19), (0, 20))  # the file layout above is DeepSpeed 0.19's; others are refused, not guessed
 MASTER = "master"  # the fp32 master weight, stored beside the optimizer state keys while joining
 
 
@@ -463,6 +464,12 @@ def load_resharded(ds, engine_dir: Path, world: World, saved: SavedLayout) -> No
 
 def reshard_problem(ds) -> str | None:
     """Why this engine cannot take a resharded checkpoint, or None."""
+    version = deepspeed_version()
+    low, high = TESTED_DEEPSPEED
+    if not low <= version[:2] < high:
+        tested, this = f"{low[0]}.{low[1]}", ".".join(map(str, version))
+        return (f"resharding reads DeepSpeed {tested}.x's file layout and this is DeepSpeed {this}; resume on the "
+                f"saving world size, or install deepspeed=={tested}.* (constraints.txt pins the tested version)")
     stage = ds.zero_optimization_stage()
     if stage >= 3:
         return "ZeRO-3 checkpoints are not resharded; resume on the saving world size or use ZeRO 0-2"
@@ -476,6 +483,12 @@ def reshard_problem(ds) -> str | None:
     if any(getattr(param, "group_name", "ep_size_1") != "ep_size_1" for param in _unmapped_experts(ds.module, experts)):
         return "some expert parameters are neither one expert each nor ember's stacked experts"
     return None
+
+
+def deepspeed_version() -> tuple[int, ...]:
+    import deepspeed
+
+    return tuple(int(part) for part in re.findall(r"\d+", deepspeed.__version__)[:3])
 
 
 def _unmapped_experts(module: torch.nn.Module, experts: ExpertLayout) -> list[torch.nn.Parameter]:
