@@ -189,7 +189,7 @@ def test_cli_refuses_a_missing_checkpoint_and_a_corrupt_manifest_with_exit_2(run
 
     missing = serve(tmp_path / "nothing")
     assert missing.returncode == 2 and "no such run or checkpoint folder" in missing.stderr
-    checkpoint = next((run_dir / "checkpoints").iterdir())
+    checkpoint = next((run_dir / "checkpoints").glob("step_*"))  # beside them: the run lock
     corrupt = tmp_path / "corrupt" / checkpoint.name
     shutil.copytree(checkpoint, corrupt)
     (corrupt / "manifest.json").write_text("{ truncated")

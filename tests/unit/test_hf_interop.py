@@ -64,7 +64,7 @@ def greedy_with_kv_cache(model, prompt: list[int], count: int) -> list[int]:
     runner = DecodeRunner(model)
     plan, generated = StepPlan(admit=[Admit(0, prompt, SamplingParams(temperature=0.0))]), []
     for _ in range(count):
-        generated.append(runner.step(plan)[0])
+        generated.append(runner.step(plan)[0].token)
         plan = StepPlan(decode=[0])
     return generated
 
