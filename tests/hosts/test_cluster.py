@@ -3,7 +3,6 @@ the head's token, and jobs submitted from a laptop that shares no storage with t
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import shard_overrides
+from tests.helpers.runs import events
 from tests.hosts.conftest import RayHosts
 
 pytestmark = pytest.mark.hosts
@@ -49,11 +49,6 @@ def test_a_host_without_the_token_is_refused(ray_hosts: RayHosts) -> None:
     assert refused.stderr.strip().count("\n") == 0, refused.stderr
     assert "--token-file" in refused.stderr, refused.stderr
     assert not laptop.outside(f"{laptop.home}/.ray/auth_token").exists()  # no token was made up
-
-
-def events(run_dir: Path) -> list[dict]:
-    path = run_dir / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def submit_from_laptop(ray_hosts: RayHosts, *args: str):
