@@ -148,7 +148,8 @@ def run_dir(tmp_path: Path):
 
 
 def assert_bitwise_equal(left: dict, right: dict) -> None:
-    assert left.keys() == right.keys() and all(left[name].equal(right[name]) for name in left)
+    assert left.keys() == right.keys()
+    assert all(left[name].equal(right[name]) for name in left)
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -168,7 +169,8 @@ def test_a_kill_at_each_save_point_loses_nothing_and_resumes_bitwise(reference, 
     after = committed_steps(run_dir)
     crash_committed = point in ("after_rename", "mid_retention") or (async_save and point == "after_report")
     if point in ("after_rename", "mid_retention") or CRASH_STEP in after:
-        assert crash_committed and after[:2] == [CRASH_STEP, CRASH_STEP - EVERY]
+        assert crash_committed
+        assert after[:2] == [CRASH_STEP, CRASH_STEP - EVERY]
     else:
         assert after == [CRASH_STEP - EVERY, CRASH_STEP - 2 * EVERY]  # nothing lost, nothing half-made
     assert set(before) <= set(after) | {CRASH_STEP - 2 * EVERY}  # only retention retires, and only the oldest
@@ -231,7 +233,9 @@ def outcomes(run_dir: Path, async_save: bool, private_run_dir: bool) -> list[tup
 
 def test_a_failed_write_on_another_rank_fails_the_async_save_within_seconds(tmp_path: Path) -> None:
     (rank0, seconds), (rank1, _) = outcomes(tmp_path / "run", async_save=True, private_run_dir=False)
-    assert "rank 1 on" in rank0 and "could not write its checkpoint files" in rank0 and seconds < 10
+    assert "rank 1 on" in rank0
+    assert "could not write its checkpoint files" in rank0
+    assert seconds < 10
     assert "pickle" in rank1.lower() or "lambda" in rank1
     assert CheckpointManager(tmp_path / "run" / "checkpoints", world=None).committed() == []
 
@@ -241,5 +245,7 @@ def test_a_run_dir_that_is_not_shared_fails_the_save_at_once_on_every_rank(tmp_p
         pytest.skip("a private mount namespace needs root")
     results = outcomes(tmp_path / "run", async_save=False, private_run_dir=True)
     for outcome, seconds in results:
-        assert outcome.startswith("UserError") and "rank 1 on" in outcome and "storage every host" in outcome
+        assert outcome.startswith("UserError")
+        assert "rank 1 on" in outcome
+        assert "storage every host" in outcome
         assert seconds < 10

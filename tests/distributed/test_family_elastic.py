@@ -106,7 +106,8 @@ def test_a_checkpoint_of_2_ranks_loads_on_1_rank_with_every_engine_and_ema_tenso
     whole, buffers = resumed["held"], resumed["held"].pop("buffers")
     for rank in saved:
         del rank["buffers"]
-    assert set(whole) == set(saved[0]) and len(whole) == (2 if family == "diffusion" else 3)
+    assert set(whole) == set(saved[0])
+    assert len(whole) == (2 if family == "diffusion" else 3)
     experts = 0
     for part, tensors in whole.items():
         halves = [rank[part] for rank in saved]
@@ -119,7 +120,8 @@ def test_a_checkpoint_of_2_ranks_loads_on_1_rank_with_every_engine_and_ema_tenso
             elif name in buffers.get(part, ()):  # BatchNorm statistics: each rank's own batches; rank 0's saved
                 assert torch.equal(tensor, halves[0][name]), f"{part}: {name}"
             else:
-                assert torch.equal(tensor, halves[0][name]) and torch.equal(tensor, halves[1][name]), f"{part}: {name}"
+                assert torch.equal(tensor, halves[0][name]), f"{part}: {name}"
+                assert torch.equal(tensor, halves[1][name]), f"{part}: {name}"
     assert experts == (8 if family == "diffusion" else 0)  # 4 stacked tensors, in the engine and the EMA
     network = "model" if family == "diffusion" else "generator"
     trained, averaged = whole[f"engine {network}"], whole[f"ema {network}"]

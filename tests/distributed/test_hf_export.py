@@ -69,7 +69,8 @@ def test_hf_export_of_an_expert_parallel_checkpoint_loads_in_transformers_with_i
         logits = model(split_batch(text_rows(100_000, MICRO))[0]).logits
     torch.testing.assert_close(logits, sharded[0], rtol=1e-4, atol=1e-4)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)  # a byte model ships its bytes as a tokenizer
-    assert tokenizer("déf").input_ids == list("déf".encode()) and tokenizer.decode(list(b"x = 1")) == "x = 1"
+    assert tokenizer("déf").input_ids == list("déf".encode())
+    assert tokenizer.decode(list(b"x = 1")) == "x = 1"
 
 
 def ember(*args: str) -> str:

@@ -193,7 +193,8 @@ def test_export_of_ember_ep2_zero2_matches_the_sharded_model(ranks, folder):
     out = folder / "model.safetensors"
     export_safetensors(folder, out, full_state_dict)
     model, spec = load_exported(out)
-    assert spec.model.moe.impl == "ember" and spec.model.moe.ep_size == 2
+    assert spec.model.moe.impl == "ember"
+    assert spec.model.moe.ep_size == 2
     assert "blocks.1.ffn.moe.experts.w_in" in model.state_dict()  # ember's stacked layout, all 4 experts
     (plain,) = run_on_ranks(exported_logits, 1, str(out))
     # Same weights, same routing; only GEMM blocking differs (experts see other batch shapes): fp32 rounding.

@@ -370,7 +370,9 @@ def test_a_deepspeed_other_than_the_tested_one_is_refused_before_its_files_are_r
 
     monkeypatch.setattr(deepspeed, "__version__", version)
     problem = reshard_problem(ds=None)  # the version is checked first: no engine is touched
-    assert problem is not None and f"this is DeepSpeed {version}" in problem and "deepspeed==0.19.*" in problem
+    assert problem is not None
+    assert f"this is DeepSpeed {version}" in problem
+    assert "deepspeed==0.19.*" in problem
     monkeypatch.setattr(deepspeed, "__version__", "0.19.8")
     with pytest.raises(AttributeError):  # the tested version goes on to look at the engine
         reshard_problem(ds=None)

@@ -3,7 +3,6 @@ the head's token, and jobs submitted from a laptop that shares no storage with t
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import shard_overrides
+from tests.helpers.runs import events
 from tests.hosts.conftest import RayHosts
 
 pytestmark = pytest.mark.hosts
@@ -38,20 +38,17 @@ def test_a_worker_host_joins_the_head_at_its_own_ip_with_the_token(ray_hosts: Ra
                      timeout=120)
     assert seen.returncode == 0, seen.stderr[-3000:]
     ips, hostname = seen.stdout.split("\n")[:2]
-    assert ips.split() == sorted([host1.ip, host2.ip]) and hostname == "host2"
+    assert ips.split() == sorted([host1.ip, host2.ip])
+    assert hostname == "host2"
 
 
 def test_a_host_without_the_token_is_refused(ray_hosts: RayHosts) -> None:
     laptop = ray_hosts.hosts.hosts["laptop"]
     refused = ray_hosts.ember(laptop, "up", "--join", ray_hosts.gcs, "--num-cpus", "1")
     assert refused.returncode == 2
-    assert refused.stderr.strip().count("\n") == 0 and "--token-file" in refused.stderr, refused.stderr
+    assert refused.stderr.strip().count("\n") == 0, refused.stderr
+    assert "--token-file" in refused.stderr, refused.stderr
     assert not laptop.outside(f"{laptop.home}/.ray/auth_token").exists()  # no token was made up
-
-
-def events(run_dir: Path) -> list[dict]:
-    path = run_dir / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def submit_from_laptop(ray_hosts: RayHosts, *args: str):
@@ -120,5 +117,7 @@ def test_a_laptop_job_on_shared_storage_survives_losing_a_whole_host(ray_hosts: 
     assert f"done: {run_dir}" in logs  # streamed to the laptop
     resumes = [event for event in events(run_dir) if event["kind"] == "resume"]
     # the newest commit when the host died (or one rank 0 finished committing after): retention has removed it since
-    assert resumes and resumes[0]["step"] >= newest_at_loss and resumes[0]["step"] % 20 == 0, resumes
+    assert resumes, resumes
+    assert resumes[0]["step"] >= newest_at_loss, resumes
+    assert resumes[0]["step"] % 20 == 0, resumes
     assert committed(run_dir)[-1] == STEPS

@@ -78,6 +78,7 @@ def test_down_removes_namespaces_links_and_processes() -> None:
         cluster.down()
     assert host.netns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-    assert cluster.bridge not in links and host.link not in links
+    assert cluster.bridge not in links
+    assert host.link not in links
     assert sleeper.poll() is not None
     assert not cluster.root.exists()

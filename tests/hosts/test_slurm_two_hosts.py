@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import shard_overrides
+from tests.helpers.runs import events
 from tests.hosts.harness import HostCluster
 from tests.hosts.slurm import SlurmOnHosts, SlurmUnavailable, check_slurm_installed, wait_for
 
@@ -40,11 +41,6 @@ def slurm(host_cluster: HostCluster) -> Iterator[SlurmOnHosts]:
         slurm.stop()
         for name in names:
             host_cluster.remove_host(name)
-
-
-def events(run_dir: Path) -> list[dict]:
-    path = run_dir / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def ember_processes(slurm: SlurmOnHosts) -> list[str]:

@@ -22,8 +22,10 @@ def test_only_a_loopback_head_sees_this_machines_files(address: str, here: bool)
 
 def test_shared_means_inside_a_declared_folder_not_a_name_prefix() -> None:
     assert is_under("/shared/shards/train-{000000..000003}.tar", ["/shared"])
-    assert is_under("file:///shared/x.tar", ["/shared/"]) and is_under("/shared/a/../b", ["/shared"])
-    assert not is_under("/shared-not/x.tar", ["/shared"]) and not is_under("/shared/../etc", ["/shared"])
+    assert is_under("file:///shared/x.tar", ["/shared/"])
+    assert is_under("/shared/a/../b", ["/shared"])
+    assert not is_under("/shared-not/x.tar", ["/shared"])
+    assert not is_under("/shared/../etc", ["/shared"])
 
 
 def test_every_unreachable_field_is_named_and_shared_or_url_inputs_pass() -> None:

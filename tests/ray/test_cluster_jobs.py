@@ -56,7 +56,8 @@ def test_submit_runs_a_spec_and_reports_status_and_logs(cluster, tmp_path: Path,
         state = ember("status", job, "--address", address, env=env).stdout.strip()
     assert state == "SUCCEEDED", ember("logs", job, "--address", address, env=env).stdout
     logged = ember("logs", job, "--address", address, env=env).stdout
-    assert "step      6/6" in logged and "checkpoint saved" in logged
+    assert "step      6/6" in logged
+    assert "checkpoint saved" in logged
     assert job in ember("list", "--address", address, env=env).stdout
     assert (tmp_path / "run" / "checkpoints" / "step_000006" / "manifest.json").is_file()
 
@@ -64,12 +65,14 @@ def test_submit_runs_a_spec_and_reports_status_and_logs(cluster, tmp_path: Path,
 def test_a_wrong_token_is_refused_by_the_cluster_and_ember_says_why(cluster) -> None:
     address, env = cluster
     refused = ember("list", "--address", address, env={**env, "RAY_AUTH_TOKEN": "not-the-token"})
-    assert refused.returncode == 2 and "rejected the auth token" in refused.stderr
+    assert refused.returncode == 2
+    assert "rejected the auth token" in refused.stderr
 
 
 def test_a_bad_spec_is_refused_before_anything_is_sent(cluster) -> None:
     address, env = cluster
     refused = ember("submit", str(REPO / "jobs/debug/tiny-dense.yaml"), "--address", address,
                     "--set", "engine.zero_stage=2", env=env)
-    assert refused.returncode == 2 and "engine.zero_stage" in refused.stderr
+    assert refused.returncode == 2
+    assert "engine.zero_stage" in refused.stderr
     assert "engine-debug" not in ember("list", "--address", address, env=env).stdout

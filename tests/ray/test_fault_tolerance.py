@@ -86,7 +86,8 @@ def test_kill_9_of_a_worker_restarts_and_ends_bitwise_equal(shards, uninterrupte
                             env=fault, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert fired.exists() and "resuming from" in output
+    assert fired.exists()
+    assert "resuming from" in output
     assert_bitwise_equal(final_weights(run_dir, tmp_path), uninterrupted)
 
 
@@ -119,7 +120,8 @@ def test_ctrl_c_checkpoints_at_the_next_step_and_exits_75(shards, tmp_path: Path
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == RESUMABLE_EXIT_CODE, output
-    assert "Ctrl-C: checkpointing at the next step boundary" in output and "Traceback" not in output
+    assert "Ctrl-C: checkpointing at the next step boundary" in output
+    assert "Traceback" not in output
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["kind"] == "preempted"] == [8]
     assert (run_dir / "checkpoints" / "step_000008" / "manifest.json").is_file()

@@ -74,7 +74,9 @@ def test_expert_parallel_job_spans_two_nodes_and_survives_losing_one(tmp_path: P
         wait_for(lambda: status(job) in ("SUCCEEDED", "FAILED", "STOPPED"), 400, "the job to finish")
         assert status(job) == "SUCCEEDED", logs(job)
         resumes = [e for e in events(run_dir)[before:] if e["kind"] == "resume"]
-        assert resumes and resumes[0]["step"] % 10 == 0 and 10 <= resumes[0]["step"] < STEPS, resumes
+        assert resumes, resumes
+        assert resumes[0]["step"] % 10 == 0, resumes
+        assert 10 <= resumes[0]["step"] < STEPS, resumes
         assert (run_dir / "checkpoints" / f"step_{STEPS:06d}" / "manifest.json").is_file()
     finally:
         subprocess.run([sys.executable, "-m", "ember.cli", "down", "--name", node], env=env, capture_output=True)

@@ -39,7 +39,8 @@ def test_moe_run_logs_checkpoints_resumes_and_exports(tmp_path: Path, shards: Pa
     run_dir = tmp_path / "run"
     first = ember_run("jobs/debug/tiny-moe.yaml", run_dir, shards)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "held-out loss" in first.stdout and "sample after 30 steps" in first.stdout
+    assert "held-out loss" in first.stdout
+    assert "sample after 30 steps" in first.stdout
 
     losses = [value for _, value in read_scalars(run_dir / "tensorboard", "train/loss")]
     assert len(losses) == 30

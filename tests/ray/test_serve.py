@@ -110,7 +110,8 @@ def test_each_rank_holds_only_its_share_of_the_experts(server: str, run_dir: Pat
     assert [rank["experts"] for rank in ranks] == [{"1": [0, 1]}, {"1": [2, 3]}]  # block 1 is the MoE block
     assert [rank["expert_parameters"] for rank in ranks] == [total // 2, total // 2]
     (alone,) = requests.get(f"{server}/ep1/v1/models", headers=AUTH, timeout=30).json()["data"][0]["ranks"]
-    assert alone["expert_parameters"] == total and alone["experts"] == {"1": [0, 1, 2, 3]}
+    assert alone["expert_parameters"] == total
+    assert alone["experts"] == {"1": [0, 1, 2, 3]}
 
 
 def test_sixteen_concurrent_clients_get_their_own_answers(server: str, run_dir: Path) -> None:
@@ -188,13 +189,15 @@ def test_cli_refuses_a_missing_checkpoint_and_a_corrupt_manifest_with_exit_2(run
                               capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
 
     missing = serve(tmp_path / "nothing")
-    assert missing.returncode == 2 and "no such run or checkpoint folder" in missing.stderr
+    assert missing.returncode == 2
+    assert "no such run or checkpoint folder" in missing.stderr
     checkpoint = next((run_dir / "checkpoints").glob("step_*"))  # beside them: the run lock
     corrupt = tmp_path / "corrupt" / checkpoint.name
     shutil.copytree(checkpoint, corrupt)
     (corrupt / "manifest.json").write_text("{ truncated")
     broken = serve(corrupt)
-    assert broken.returncode == 2 and "error:" in broken.stderr
+    assert broken.returncode == 2
+    assert "error:" in broken.stderr
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +236,8 @@ def test_images_endpoint_returns_seeded_class_conditional_pngs(gan_url: str) -> 
 
     first = images(class_label=3, n=2, seed=1)
     assert [Image.open(io.BytesIO(png)).size for png in first] == [(8, 8), (8, 8)]
-    assert images(class_label=3, n=2, seed=1) == first and images(class_label=3, n=2, seed=2) != first
+    assert images(class_label=3, n=2, seed=1) == first
+    assert images(class_label=3, n=2, seed=2) != first
     wrong = requests.post(f"{gan_url}/v1/images", json={"class_label": 99}, headers=AUTH, timeout=30)
     assert (wrong.status_code, wrong.json()["error"]["param"]) == (400, "class_label")
     text = requests.post(f"{gan_url}/v1/completions", json={"prompt": "a"}, headers=AUTH, timeout=30)
@@ -267,8 +271,10 @@ def test_a_stop_string_ends_the_completion_with_finish_reason_stop(server: str, 
     expected = reference(run_dir, PROMPTS[3], 20, temperature=0.9, seed=4)
     stop = decode_bytes(expected[:3])  # text this completion produces by its third token
     choice = complete(server, PROMPTS[3], max_tokens=20, temperature=0.9, seed=4, stop=stop)  # a string, or a list
-    assert choice["finish_reason"] == "stop" and stop in decode_bytes(choice["tokens"])
-    assert choice["tokens"] == expected[: len(choice["tokens"])] and len(choice["tokens"]) <= 3
+    assert choice["finish_reason"] == "stop"
+    assert stop in decode_bytes(choice["tokens"])
+    assert choice["tokens"] == expected[: len(choice["tokens"])]
+    assert len(choice["tokens"]) <= 3
     assert choice["text"] == decode_bytes(choice["tokens"]).split(stop)[0]  # as OpenAI: the stop string left out
 
 
@@ -316,9 +322,12 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(server: str, run
     with torch.no_grad():
         table = model(torch.tensor([tokens])).logits[0].float().log_softmax(-1)
     expected = [table[i, token].item() for i, token in enumerate(tokens[1:])]
-    assert choice.text == text and choice.logprobs.token_logprobs[0] is None and done.usage.completion_tokens == 0
+    assert choice.text == text
+    assert choice.logprobs.token_logprobs[0] is None
+    assert done.usage.completion_tokens == 0
     assert choice.logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
-    assert choice.logprobs.tokens == list(text) and choice.logprobs.text_offset == list(range(len(text)))
+    assert choice.logprobs.tokens == list(text)
+    assert choice.logprobs.text_offset == list(range(len(text)))
     best = [max(top.values()) for top in choice.logprobs.top_logprobs[1:]]
     assert best == pytest.approx(table[:-1].max(-1).values.tolist(), abs=1e-4)
 
@@ -330,7 +339,8 @@ def test_openai_client_streams_with_usage_and_every_chunk_names_the_model(server
     ))  # fmt: skip
     assert {(c.object, c.model, c.id) for c in chunks} == {("text_completion", "ep2", chunks[0].id)}
     *tokens, last = chunks
-    assert last.choices == [] and (last.usage.prompt_tokens, last.usage.completion_tokens) == (4, 8)
+    assert last.choices == []
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (4, 8)
     assert (
         "".join(c.choices[0].text for c in tokens) == reference_completion(run_dir, PROMPTS[0], 8, temperature=0).text
     )
@@ -377,7 +387,8 @@ def test_chat_completions_render_the_served_template(server: str, run_dir: Path)
     assert [entry.bytes[0] for entry in choice.logprobs.content] == expected.tokens
     with pytest.raises(openai.BadRequestError) as raised:
         openai_client(server).chat.completions.create(model="ep2", messages=messages)
-    assert "--chat-template" in raised.value.message and raised.value.code == "no_chat_template"
+    assert "--chat-template" in raised.value.message
+    assert raised.value.code == "no_chat_template"
 
 
 def restarts(url: str) -> int:
@@ -392,7 +403,8 @@ def test_metrics_are_prometheus_text(server: str) -> None:
     text = requests.get(f"{server}/metrics", headers=AUTH, timeout=30).text
     for name in ("ember_generated_tokens_total", "ember_prompt_tokens_total", "ember_queue_depth",
                  "ember_running_sequences", "ember_step_seconds_total", "ember_replica_restarts_total"):  # fmt: skip
-        assert f"# TYPE {name} " in text and f"\n{name} " in text
+        assert f"# TYPE {name} " in text
+        assert f"\n{name} " in text
     assert 'ember_requests_total{path="/v1/completions",status="200"}' in text
     assert requests.get(f"{server}/health", timeout=30).json()["status"] == "ok"
 
@@ -456,12 +468,14 @@ def test_two_thousand_fuzzed_bodies_get_200_or_an_openai_4xx_and_break_nothing(s
         assert response.status_code == 200 or 400 <= response.status_code < 500, (body, response.text)
         if response.status_code != 200:
             error = response.json()["error"]
-            assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+            assert set(error) == {"message", "type", "param", "code"}
+            assert error["type"] == "invalid_request_error"
         else:  # a 200 stream carries no error event either
             assert 'data: {"error"' not in response.text, (body, response.text)
 
     post()
-    assert len(statuses) >= 2000 and statuses.count(200) >= 100  # many generated, the rest refused
+    assert len(statuses) >= 2000  # many generated, the rest refused
+    assert statuses.count(200) >= 100
     assert (restarts(server), restarts(f"{server}/ep1")) == restarts_before
     expected = reference(run_dir, PROMPTS[1], 16, temperature=0)
     assert complete(server, PROMPTS[1], max_tokens=16, temperature=0)["tokens"] == expected
@@ -474,6 +488,7 @@ def test_langchain_openai_llm_with_its_defaults(server: str, run_dir: Path) -> N
     llm = OpenAI(model="ep2", base_url=f"{server}/v1", api_key=TOKEN, temperature=0, max_tokens=12, max_retries=0)
     expected = reference_completion(run_dir, PROMPTS[2], 12, ["\n"], temperature=0)
     assert llm.invoke(PROMPTS[2], stop=["\n"]) == expected.text.split("\n")[0]
-    assert [piece for piece in llm.stream(PROMPTS[2])] and llm.batch(PROMPTS[:2]) == [
+    assert [piece for piece in llm.stream(PROMPTS[2])]
+    assert (llm.batch(PROMPTS[:2]) == [
         reference_completion(run_dir, prompt, 12, temperature=0).text for prompt in PROMPTS[:2]
-    ]
+    ])

@@ -47,7 +47,8 @@ def save(m: CheckpointManager, step: int, engine) -> Path:
 def test_sync_save_commits_a_verified_checkpoint(tmp_path: Path, engine) -> None:
     eng, world = engine
     path = save(manager(tmp_path, world), 7, eng)
-    assert path.name == "step_000007" and verify_manifest(path) == []
+    assert path.name == "step_000007"
+    assert verify_manifest(path) == []
     assert read_state(path) == {"step": 7, "data": {"cursor": 7}, "world_size": 1}
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
 
@@ -77,10 +78,13 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path: P
     else:
         victim.unlink()
     assert m.latest_valid().name == "step_000001"
-    assert m.skipped and m.skipped[0][0] == newest and "model.pt" in m.skipped[0][1][0]
+    assert m.skipped
+    assert m.skipped[0][0] == newest
+    assert "model.pt" in m.skipped[0][1][0]
     with pytest.raises(SystemExit) as exited:
         main(["ckpt", "verify", str(tmp_path)])
-    assert exited.value.code == 2 and "model.pt" in capsys.readouterr().err
+    assert exited.value.code == 2
+    assert "model.pt" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("manifest", ["[]", '{"step": 2}', '{"step": 2, "files": {}}', '{"files": {"x": 1}}'])
@@ -103,8 +107,10 @@ def test_ckpt_verify_checks_every_checkpoint_not_only_the_newest(tmp_path, engin
         main(["ckpt", "verify", str(tmp_path)])
     captured = capsys.readouterr()
     assert exited.value.code == 2
-    assert "step_000001: BAD" in captured.err and "model.pt" in captured.err
-    assert "step_000003: ok" in captured.out and "step_000002: ok" in captured.out
+    assert "step_000001: BAD" in captured.err
+    assert "model.pt" in captured.err
+    assert "step_000003: ok" in captured.out
+    assert "step_000002: ok" in captured.out
 
 
 def test_a_leftover_tmp_folder_is_never_resumed_from(tmp_path: Path, engine) -> None:
@@ -190,7 +196,8 @@ def test_kill_9_during_a_save_leaves_no_committed_partial_checkpoint(tmp_path: P
     saver = subprocess.run([sys.executable, "-c", SAVER, str(root)], env=env, timeout=120)
     assert saver.returncode == -signal.SIGKILL
     m = CheckpointManager(root, world=None)
-    assert [p.name for p in m.committed()] == ["step_000001"] and verify_manifest(root / "step_000001") == []
+    assert [p.name for p in m.committed()] == ["step_000001"]
+    assert verify_manifest(root / "step_000001") == []
     assert list(root.glob("step_000002.*.tmp"))  # the interrupted save stays an uncommitted .tmp
 
 
@@ -241,10 +248,13 @@ def test_resume_refuses_a_spec_change_that_changes_the_function(tmp_path, engine
     with pytest.raises(SystemExit) as exited:
         main(["resume", str(tmp_path), "--check", "--set", change])
     captured = capsys.readouterr()
-    assert exited.value.code == 2 and f"refused: {field}" in captured.out and "resume refused" in captured.err
+    assert exited.value.code == 2
+    assert f"refused: {field}" in captured.out
+    assert "resume refused" in captured.err
     with pytest.raises(SystemExit) as exited:
         main(["resume", str(tmp_path), "--check", "--set", change, "--allow-spec-change", field])
-    assert exited.value.code in (0, None) and "refused" not in capsys.readouterr().out
+    assert exited.value.code in (0, None)
+    assert "refused" not in capsys.readouterr().out
 
 
 def test_a_training_resume_refuses_a_function_change_too(tmp_path, engine) -> None:
@@ -268,7 +278,8 @@ def test_resume_check_reports_checkpoint_reshard_and_spec_changes(tmp_path: Path
     assert "checkpoint: step_000005 (step 5)" in out
     assert "world size 1 -> 8" in out  # this test's one-rank world saved it
     # The global batch (32) stays: accumulation 2 -> 1 and micro-batch 8 -> 4 over 8 workers.
-    assert "schedule.micro_batch: 8 -> 4" in out and "cluster.num_workers: 2 -> 8" in out
+    assert "schedule.micro_batch: 8 -> 4" in out
+    assert "cluster.num_workers: 2 -> 8" in out
     assert "data.train" not in out
 
 

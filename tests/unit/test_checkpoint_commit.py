@@ -112,7 +112,8 @@ def test_a_stale_attempts_save_neither_satisfies_nor_deletes_the_new_attempts(tm
     release(marker)
     with pytest.raises(InternalError, match="stale"):
         old.wait()
-    assert verify_manifest(committed) == [] and read_manifest(committed)["attempt"]["id"] == new.attempt.id
+    assert verify_manifest(committed) == []
+    assert read_manifest(committed)["attempt"]["id"] == new.attempt.id
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000002"]
 
 
@@ -138,7 +139,8 @@ def test_a_same_step_replace_keeps_the_old_folder_until_the_new_one_is_in(tmp_pa
     first.rename(aside)  # where a save killed between the two renames leaves it
     m = manager(tmp_path, world, attempt=start_attempt(tmp_path))
     m.clean_stale()
-    assert m.latest_valid() == first and not aside.exists()
+    assert m.latest_valid() == first
+    assert not aside.exists()
     save(m, 4)  # a replace that completes leaves nothing aside
     assert sorted(p.name for p in first.parent.iterdir()) == ["step_000004"]
     assert read_manifest(first)["attempt"]["id"] == m.attempt.id

@@ -33,7 +33,8 @@ def test_build_writes_shards_that_match_their_manifest(stdlib_shards: Path) -> N
     manifest = json.loads((stdlib_shards / "shards.json").read_text())
     names = [shard["name"] for shard in manifest["shards"]]
     assert names == [f"train-{i:06d}.tar" for i in range(4)] + ["val-000000.tar"]
-    assert manifest["source"] == "stdlib" and manifest["created_by"] == "ember"
+    assert manifest["source"] == "stdlib"
+    assert manifest["created_by"] == "ember"
     for shard in manifest["shards"]:
         data = (stdlib_shards / shard["name"]).read_bytes()
         assert shard["bytes"] == len(data)
@@ -45,7 +46,8 @@ def test_build_writes_shards_that_match_their_manifest(stdlib_shards: Path) -> N
 def test_build_keys_are_unique_dotless_and_val_is_disjoint_from_train(stdlib_shards: Path) -> None:
     train = [key for i in range(4) for key in shard_keys(stdlib_shards / f"train-{i:06d}.tar")]
     val = shard_keys(stdlib_shards / "val-000000.tar")
-    assert len(set(train)) == len(train) and len(set(val)) == len(val)
+    assert len(set(train)) == len(train)
+    assert len(set(val)) == len(val)
     assert not set(train) & set(val)
     assert all("." not in key and "/" not in key for key in train + val)
 
@@ -104,7 +106,8 @@ def test_ensure_shards_lists_every_missing_shard_in_one_error(tmp_path: Path) ->
     message = str(caught.value)
     for name in ("train-000000.tar", "train-000002.tar", "val-000000.tar"):
         assert name in message
-    assert "train-000001.tar" not in message and "remote.tar" not in message
+    assert "train-000001.tar" not in message
+    assert "remote.tar" not in message
     assert "ember data build text" in message
 
 

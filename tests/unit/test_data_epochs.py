@@ -26,7 +26,8 @@ def test_every_key_is_read_once_per_slot_epoch_over_unequal_slots(digit_shards: 
     fullest = max(len(slot_shards(SHARDS, SLOTS, 5, 0, slot)) for slot in range(SLOTS)) * PER_SHARD
     ids = [sample_id for _ in range(fullest) for sample_id in stream.next_batch().ids]  # fullest rows per slot
     first_epoch = Counter(sample_id.key for sample_id in ids if sample_id.epoch == 0)
-    assert len(first_epoch) == SHARDS * PER_SHARD and set(first_epoch.values()) == {1}
+    assert len(first_epoch) == SHARDS * PER_SHARD
+    assert set(first_epoch.values()) == {1}
     # The smaller slot went on into its next epoch meanwhile: exactly its shortfall of rows.
     assert sum(sample_id.epoch == 1 for sample_id in ids) == SLOTS * fullest - SHARDS * PER_SHARD
     assert not any(sample_id.epoch == 0 for sample_id in stream.next_batch().ids)

@@ -62,7 +62,8 @@ def test_images_over_http_equal_images_from_disk(digit_shards: Path, serve) -> N
     for _ in range(8):
         from_disk, over_http = disk.next_batch(), http.next_batch()
         assert over_http.ids == from_disk.ids
-        assert torch.equal(over_http.images, from_disk.images) and torch.equal(over_http.labels, from_disk.labels)
+        assert torch.equal(over_http.images, from_disk.images)
+        assert torch.equal(over_http.labels, from_disk.labels)
 
 
 def test_a_missing_http_shard_is_a_user_error_naming_its_url(stdlib_shards: Path, serve) -> None:

@@ -85,7 +85,8 @@ def test_a_rebuilt_set_with_the_same_count_but_swapped_shards_is_refused_naming_
 def test_a_shard_edited_in_place_without_a_manifest_is_refused_by_its_mtime(shards: Path) -> None:
     (shards / "shards.json").unlink()
     state = stream_state_after(shards, 5)
-    assert "mtime_ns" in state["shards"][0][2] and "sha256" not in state["shards"][0][2]
+    assert "mtime_ns" in state["shards"][0][2]
+    assert "sha256" not in state["shards"][0][2]
     edited = shards / "train-000002.tar"
     before = edited.stat().st_mtime_ns
     rewrite_shard(edited, lambda index, text: text.upper() if index == 0 else text)  # same size, other bytes

@@ -41,16 +41,20 @@ def keys_of(path: Path) -> list[str]:
 
 def test_digits_build_writes_every_digit_once_with_a_stratified_297_val_split(digit_shards: Path) -> None:
     index = json.loads((digit_shards / "shards.json").read_text())
-    assert index["kind"] == "images" and index["image_size"] == 8 and index["channels"] == 1
+    assert index["kind"] == "images"
+    assert index["image_size"] == 8
+    assert index["channels"] == 1
     names = [shard["name"] for shard in index["shards"]]
     assert names == [f"train-{i:06d}.tar" for i in range(TRAIN_SHARDS)] + ["val-000000.tar"]
     for shard in index["shards"]:
         data = (digit_shards / shard["name"]).read_bytes()
-        assert shard["sha256"] == hashlib.sha256(data).hexdigest() and shard["bytes"] == len(data)
+        assert shard["sha256"] == hashlib.sha256(data).hexdigest()
+        assert shard["bytes"] == len(data)
         assert shard["samples"] == len(keys_of(digit_shards / shard["name"]))
     train = [key for name in names[:-1] for key in keys_of(digit_shards / name)]
     val = keys_of(digit_shards / "val-000000.tar")
-    assert len(val) == 297 and len(train) == 1500
+    assert len(val) == 297
+    assert len(train) == 1500
     assert sorted(train + val) == [f"digit-{i:04d}" for i in range(1797)]
     labels = load_digits().target
     val_counts = np.bincount([labels[int(key[len("digit-") :])] for key in val], minlength=10)
@@ -65,25 +69,33 @@ def test_image_build_is_reproducible_byte_for_byte(digit_shards: Path, tmp_path:
 
 def test_photo_patches_are_rgb_without_labels(photo_shards: Path) -> None:
     index = json.loads((photo_shards / "shards.json").read_text())
-    assert index["source"] == "sample-images" and index["channels"] == 3 and index["image_size"] == 8
+    assert index["source"] == "sample-images"
+    assert index["channels"] == 3
+    assert index["image_size"] == 8
     assert sum(s["samples"] for s in index["shards"]) == 2 * 23 * 37  # 64-px patches at stride 16 of 427x640
     names = members(photo_shards / "train-000000.tar")
     assert all(name.endswith(".png") for name in names)
     stream = ShardStream(str(photo_shards / "train-000000.tar"), micro_batch=5, rank=0, world_size=1, rows=ImageRows())
     batch = stream.next_batch()
-    assert batch.images.shape == (5, 3, 8, 8) and batch.labels.tolist() == [-1] * 5
+    assert batch.images.shape == (5, 3, 8, 8)
+    assert batch.labels.tolist() == [-1] * 5
 
 
 def test_image_batches_are_floats_in_range_with_the_shards_labels(digit_shards: Path) -> None:
     stream = ShardStream(digit_urls(digit_shards), micro_batch=16, rank=0, world_size=1, rows=ImageRows())
     batch = stream.next_batch()
-    assert isinstance(batch, ImageBatch) and len(batch) == 16
-    assert batch.images.dtype == torch.float32 and batch.images.shape == (16, 1, 8, 8)
-    assert batch.images.min() >= -1 and batch.images.max() <= 1 and batch.images.max() == 1
+    assert isinstance(batch, ImageBatch)
+    assert len(batch) == 16
+    assert batch.images.dtype == torch.float32
+    assert batch.images.shape == (16, 1, 8, 8)
+    assert batch.images.min() >= -1
+    assert batch.images.max() <= 1
+    assert batch.images.max() == 1
     digits = load_digits()
     for sample_id, label, image in zip(batch.ids, batch.labels, batch.images, strict=True):
         index = int(sample_id.key[len("digit-") :])
-        assert label == digits.target[index] and sample_id.epoch == 0
+        assert label == digits.target[index]
+        assert sample_id.epoch == 0
         assert torch.allclose((image[0] + 1) * 8, torch.from_numpy(digits.images[index]).float(), atol=0.04)
 
 
@@ -92,7 +104,8 @@ def test_image_tokens_are_the_class_then_the_digits_own_grey_levels(digit_shards
     stream = ShardStream(digit_urls(digit_shards), micro_batch=8, rank=0, world_size=1, rows=rows)
     reference = ShardStream(digit_urls(digit_shards), micro_batch=8, rank=0, world_size=1, rows=ImageRows())
     tokens, images = stream.next_batch(), reference.next_batch()
-    assert tokens.dtype == torch.long and tokens.shape == (8, 65)
+    assert tokens.dtype == torch.long
+    assert tokens.shape == (8, 65)
     digits = load_digits()
     for row, sample_id in zip(tokens, images.ids, strict=True):
         index = int(sample_id.key[len("digit-") :])
@@ -150,16 +163,20 @@ def test_cli_builds_images_and_inspect_prints_counts_keys_and_a_grid(
         ],
         capsys,
     )
-    assert code == 0 and "wrote 4 shards (1797 samples)" in text
+    assert code == 0
+    assert "wrote 4 shards (1797 samples)" in text
     grid = tmp_path / "grid.png"
     code, text = cli_text(["data", "inspect", str(out), "--grid", str(grid), "--keys", "3"], capsys)
     assert code == 0
     assert "images from digits, 16x16x1; 4 shards, 1797 samples" in text
-    assert "train-000002.tar" in text and "val-000000.tar" in text and "297 samples" in text
+    assert "train-000002.tar" in text
+    assert "val-000000.tar" in text
+    assert "297 samples" in text
     first = keys_of(out / "train-000000.tar")
     assert sum(key in text for key in first) == 3
     with Image.open(grid) as picture:
-        assert picture.mode == "L" and picture.size == (8 * 33 - 1, 8 * 33 - 1)  # 64 tiles of 32 px
+        assert picture.mode == "L"  # 64 tiles of 32 px
+        assert picture.size == (8 * 33 - 1, 8 * 33 - 1)
 
 
 @pytest.mark.parametrize(
@@ -172,9 +189,12 @@ def test_cli_builds_images_and_inspect_prints_counts_keys_and_a_grid(
 )
 def test_image_cli_mistakes_exit_2(args: list[str], needle: str, tmp_path: Path, capsys) -> None:
     code, text = cli_text([str(tmp_path) if arg == "OUT" else arg for arg in args], capsys)
-    assert code == 2 and needle in text and "Traceback" not in text
+    assert code == 2
+    assert needle in text
+    assert "Traceback" not in text
 
 
 def test_inspect_grid_of_text_shards_is_refused(tiny_stdlib_shards: Path, tmp_path: Path, capsys) -> None:
     code, text = cli_text(["data", "inspect", str(tiny_stdlib_shards), "--grid", str(tmp_path / "g.png")], capsys)
-    assert code == 2 and "needs image shards" in text
+    assert code == 2
+    assert "needs image shards" in text

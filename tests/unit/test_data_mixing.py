@@ -50,7 +50,8 @@ def test_a_mixture_resumes_exactly_and_slots_ignore_the_world_size(digit_shards:
     for stream in pair:
         [stream.next_batch() for _ in range(7)]
     state = json.loads(json.dumps(merge_states([stream.state() for stream in pair])))
-    assert state["weights"] == [3.0, 1.0] and all("row" in cursor for cursor in state["slots"].values())
+    assert state["weights"] == [3.0, 1.0]
+    assert all("row" in cursor for cursor in state["slots"].values())
     resumed = [mixed(digit_shards, photo_shards, rank, 2, micro_batch=3) for rank in range(2)]
     for before, after in zip(pair, resumed, strict=True):
         after.load_state(state)

@@ -101,8 +101,10 @@ def test_merge_states_joins_ranks_and_rejects_disagreement() -> None:
 def test_batches_are_long_byte_tokens_of_the_requested_shape(stdlib_shards: Path) -> None:
     stream = ShardStream(train_urls(stdlib_shards), rank=0, world_size=1, **SMALL)
     batch = next(iter(stream))
-    assert batch.shape == (8, 65) and batch.dtype == torch.long
-    assert int(batch.min()) >= 0 and int(batch.max()) <= 255
+    assert batch.shape == (8, 65)
+    assert batch.dtype == torch.long
+    assert int(batch.min()) >= 0
+    assert int(batch.max()) <= 255
 
 
 def test_rows_pack_documents_back_to_back_with_a_zero_separator(stdlib_shards: Path) -> None:
@@ -112,7 +114,8 @@ def test_rows_pack_documents_back_to_back_with_a_zero_separator(stdlib_shards: P
     with tarfile.open(first_shard) as tar:
         expected = b"".join(tar.extractfile(member).read() + b"\0" for member in tar.getmembers())
     tokens = torch.cat(take(stream, 300)).flatten().numpy().astype(np.uint8).tobytes()
-    assert len(tokens) < len(expected) and tokens == expected[: len(tokens)]
+    assert len(tokens) < len(expected)
+    assert tokens == expected[: len(tokens)]
     assert tokens.count(b"\0") > 2
 
 
@@ -126,7 +129,8 @@ def test_two_streams_with_the_same_arguments_give_the_same_batches(stdlib_shards
 
 def test_ranks_own_disjoint_slots_and_read_different_rows(stdlib_shards: Path) -> None:
     rank0, rank1 = rank_streams(train_urls(stdlib_shards), 2, **SMALL)
-    assert set(rank0.slots).isdisjoint(rank1.slots) and sorted(rank0.slots + rank1.slots) == [0, 1, 2, 3]
+    assert set(rank0.slots).isdisjoint(rank1.slots)
+    assert sorted(rank0.slots + rank1.slots) == [0, 1, 2, 3]
     rows0 = {tuple(row.tolist()) for batch in take(rank0, 5) for row in batch}
     rows1 = {tuple(row.tolist()) for batch in take(rank1, 5) for row in batch}
     assert rows0.isdisjoint(rows1)
@@ -254,7 +258,8 @@ def test_a_truncated_shard_raises_naming_the_file(stdlib_shards: Path, tmp_path:
     stream = ShardStream([str(broken)], rank=0, world_size=1, **{**SMALL, "num_slots": 1})
     with pytest.raises(UserError, match="truncated-train-000000.tar") as caught:
         take(stream, 200)
-    assert "sample" in str(caught.value) and "on_error=skip" in str(caught.value)
+    assert "sample" in str(caught.value)
+    assert "on_error=skip" in str(caught.value)
 
 
 def test_skip_passes_a_truncated_shard_and_leaves_other_slots_alone(stdlib_shards: Path, tmp_path: Path) -> None:
@@ -265,7 +270,8 @@ def test_skip_passes_a_truncated_shard_and_leaves_other_slots_alone(stdlib_shard
     good = ShardStream(urls, rank=0, world_size=1, **options)
     broken = ShardStream(broken_urls, rank=0, world_size=1, **options)
     good_batches, broken_batches = take(good, 40), take(broken, 40)
-    assert broken.skipped > 0 and good.skipped == 0
+    assert broken.skipped > 0
+    assert good.skipped == 0
     broken_slot = next(s for s in range(4) if slot_shards(4, 4, SMALL["seed"], 0, s) == [2])
     for row in set(range(4)) - {broken_slot}:  # with micro_batch 4, row i of every batch comes from slot i
         assert all(torch.equal(g[row], b[row]) for g, b in zip(good_batches, broken_batches, strict=True))
@@ -282,7 +288,8 @@ def test_an_undecodable_sample_raises_with_its_key_or_is_skipped(stdlib_shards: 
     with pytest.raises(UserError, match="no-text"):
         take(ShardStream([str(mixed)], rank=0, world_size=1, **options), 1)
     skipping = ShardStream([str(mixed)], rank=0, world_size=1, **{**options, "on_error": "skip"})
-    assert bytes(skipping.next_batch()[0].tolist()) == b"hello\0wor" and skipping.skipped == 1
+    assert bytes(skipping.next_batch()[0].tolist()) == b"hello\0wor"
+    assert skipping.skipped == 1
 
 
 def test_a_missing_shard_is_a_user_error_naming_it(stdlib_shards: Path, tmp_path: Path) -> None:
@@ -309,7 +316,8 @@ def test_a_shard_cut_at_a_member_boundary_is_caught_too(stdlib_shards: Path, tmp
         take(ShardStream([str(cut)], rank=0, world_size=1, **options), 200)
     skipping = ShardStream([str(cut)], rank=0, world_size=1, **{**options, "on_error": "skip"})
     take(skipping, 200)
-    assert skipping.skipped >= 1 and all(c["epoch"] >= 1 for c in skipping.state()["slots"].values())
+    assert skipping.skipped >= 1
+    assert all(c["epoch"] >= 1 for c in skipping.state()["slots"].values())
 
 
 class ByteCountingOpener:
@@ -345,7 +353,8 @@ def test_resume_seeks_to_the_saved_sample_instead_of_reading_up_to_it(stdlib_sha
     while reference.state()["slots"]["0"]["tar_offset"] < 300_000:
         reference.next_batch()
     state = saved(reference.state())
-    assert state["slots"]["0"]["epoch"] == 0 and state["slots"]["0"]["shard_pos"] == 0
+    assert state["slots"]["0"]["epoch"] == 0
+    assert state["slots"]["0"]["shard_pos"] == 0
     opener = ByteCountingOpener()
     resumed = ShardStream(train_urls(stdlib_shards), rank=0, world_size=1, opener=opener, **options)
     resumed.load_state(state)

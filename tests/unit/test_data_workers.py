@@ -124,5 +124,6 @@ def test_a_worker_error_reaches_the_trainer_as_one_user_error_naming_the_shard(
     assert "Traceback" not in str(caught.value)
     skipping = build_stream(data.model_copy(update={"on_error": "skip"}), None, 16, rank=0, world_size=1)
     batches = take(skipping, 20)  # 320 rows: past the broken half of the fourth shard
-    assert skipping.skipped == 1 and all(batch.images.shape == (16, 1, 8, 8) for batch in batches)
+    assert skipping.skipped == 1
+    assert all(batch.images.shape == (16, 1, 8, 8) for batch in batches)
     skipping.close()

@@ -32,7 +32,8 @@ def tiny_diffusion(**fields) -> DiffusionSpec:
 def test_schedules_lose_signal_monotonically(kind: str) -> None:
     alpha_bar = build_schedule(tiny_diffusion(schedule=kind, timesteps=1000)).alpha_bar
     assert (alpha_bar[1:] < alpha_bar[:-1]).all()
-    assert alpha_bar[0] > 0.99 and alpha_bar[-1] < 0.01
+    assert alpha_bar[0] > 0.99
+    assert alpha_bar[-1] < 0.01
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
@@ -64,7 +65,8 @@ def test_label_dropout_maps_dropped_and_unlabelled_to_the_null_class() -> None:
     assert (dropped[labels == -1] == 10).all()
     kept = labels >= 0
     share = (dropped[kept] == 10).float().mean().item()
-    assert 0.2 < share < 0.3 and ((dropped == labels) | (dropped == 10)).all()
+    assert 0.2 < share < 0.3
+    assert ((dropped == labels) | (dropped == 10)).all()
 
 
 @pytest.mark.parametrize("backbone", ["unet", "dit"])
@@ -80,8 +82,10 @@ def test_samplers_give_seeded_images_of_the_right_shape(backbone: str, sampler: 
                              steps=5, seed=seed)
 
     first, again, other = draw(1), draw(1), draw(2)
-    assert first.shape == (4, 1, 8, 8) and first.abs().max() <= 1.0
-    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert first.shape == (4, 1, 8, 8)
+    assert first.abs().max() <= 1.0
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
 
 
 @pytest.mark.parametrize("kind", ["dcgan", "stylegan2"])
@@ -91,7 +95,8 @@ def test_generators_are_seeded_and_discriminator_scores_one_number_per_image(kin
     generator, discriminator = build_gan(spec)
     z, labels = torch.randn(5, 8, generator=torch.Generator().manual_seed(3)), torch.arange(5)
     images = generator.eval()(z, labels)
-    assert images.shape == (5, 1, 8, 8) and torch.equal(images, generator(z, labels))
+    assert images.shape == (5, 1, 8, 8)
+    assert torch.equal(images, generator(z, labels))
     assert discriminator(images, labels).shape == (5,)
 
 
@@ -138,7 +143,8 @@ def test_stylegan2_generator_trains_against_d_with_r1_and_follows_its_class() ->
         g_opt.zero_grad()
         g_loss.backward()
         g_opt.step()
-        assert torch.isfinite(d_loss) and torch.isfinite(g_loss)
+        assert torch.isfinite(d_loss)
+        assert torch.isfinite(g_loss)
     z = torch.randn(1, 16).expand(2, -1)
     one, other = generator(z, torch.tensor([1, 7]))
     assert not torch.allclose(one, other, atol=1e-3)  # the same latent, two classes: two images
@@ -162,14 +168,18 @@ def test_ema_averages_weights_and_buffers_and_restores_from_its_state() -> None:
     assert torch.equal(ema.module.running_mean, torch.full((3,), 1.0))
     copy = EMA(torch.nn.BatchNorm1d(3), decay=0.5)
     copy.load_state_dict(ema.state_dict())
-    assert torch.equal(copy.module.weight, ema.module.weight) and copy.updates == 1
+    assert torch.equal(copy.module.weight, ema.module.weight)
+    assert copy.updates == 1
 
 
 def test_sample_grid_lays_images_out_row_major() -> None:
     images = torch.stack([torch.full((1, 2, 2), v) for v in (-1.0, 1.0, 1.0)])
     grid = image_grid(images, columns=2, tile=2, gap=1)
     assert grid.shape == (6, 6, 1)
-    assert grid[0, 0, 0] == 0 and grid[0, 3, 0] == 255 and grid[3, 0, 0] == 255 and grid[2, 2, 0] == 255
+    assert grid[0, 0, 0] == 0
+    assert grid[0, 3, 0] == 255
+    assert grid[3, 0, 0] == 255
+    assert grid[2, 2, 0] == 255
 
 
 @pytest.mark.parametrize(
@@ -205,7 +215,8 @@ def test_dit_with_moe_blocks_trains_and_reports_its_balance_loss() -> None:
     assert spec.moe_layers == [1]
     torch.manual_seed(0)
     model = build_denoiser(spec)
-    assert isinstance(model.blocks[1].mlp, MoEFFN) and not isinstance(model.blocks[0].mlp, MoEFFN)
+    assert isinstance(model.blocks[1].mlp, MoEFFN)
+    assert not isinstance(model.blocks[0].mlp, MoEFFN)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     schedule = build_schedule(spec)
     images = torch.rand(32, 1, 8, 8) * 2 - 1
@@ -214,7 +225,8 @@ def test_dit_with_moe_blocks_trains_and_reports_its_balance_loss() -> None:
     for step in range(40):
         loss = diffusion_loss(model, schedule, images, labels)
         aux = model.aux_loss
-        assert torch.isfinite(aux) and 0.5 < aux.item() < 4.0  # Switch balance loss: E * sum(f_i * P_i) >= ~1
+        assert torch.isfinite(aux)  # Switch balance loss: E * sum(f_i * P_i) >= ~1
+        assert 0.5 < aux.item() < 4.0
         optimizer.zero_grad()
         (loss + 0.01 * aux).backward()
         if step > 0:  # (adaLN-Zero gates every block's FFN at 0 at first: no expert gradient at step 0)

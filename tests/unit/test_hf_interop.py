@@ -149,7 +149,9 @@ def test_gpt2_export_writes_gpt2_names_and_config(tmp_path):
     model = ember_model(BASE)
     export_model(model, model.spec, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model_type"] == "gpt2" and config["n_inner"] == 48 and config["activation_function"] == "gelu_new"
+    assert config["model_type"] == "gpt2"
+    assert config["n_inner"] == 48
+    assert config["activation_function"] == "gelu_new"
 
 
 def test_cli_export_of_a_model_without_a_twin_exits_2_naming_the_option(tmp_path, capsys):

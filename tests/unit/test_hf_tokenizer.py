@@ -43,7 +43,8 @@ def documents(shard: Path) -> list[bytes]:
 
 def test_the_bpe_is_trained_on_the_train_split_and_recorded_beside_the_shards(bpe_shards):
     index = json.loads((bpe_shards / "shards.json").read_text())
-    assert index["tokenizer"] == "tokenizer.json" and index["vocab_size"] == VOCAB
+    assert index["tokenizer"] == "tokenizer.json"
+    assert index["vocab_size"] == VOCAB
     tokenizer = tokenizers.Tokenizer.from_file(str(bpe_shards / "tokenizer.json"))
     assert tokenizer.token_to_id("<|endoftext|>") == 0  # the document separator, as byte 0 is for bytes
     text = "def main():\n    return 0\n"
@@ -57,7 +58,8 @@ def test_packed_stream_ids_equal_tokenizers_applied_to_the_same_documents(bpe_sh
     rows = torch.cat([stream.next_batch().flatten() for _ in range(30)]).tolist()
     reference = tokenizers.Tokenizer.from_file(str(bpe_shards / "tokenizer.json"))
     expected = [i for doc in documents(bpe_shards / "val-000000.tar") for i in [*reference.encode(doc.decode()).ids, 0]]
-    assert len(rows) == 30 * 4 * (SEQ + 1) and rows == expected[: len(rows)]
+    assert len(rows) == 30 * 4 * (SEQ + 1)
+    assert rows == expected[: len(rows)]
 
 
 def test_resume_yields_the_same_next_batch(bpe_shards):
@@ -99,8 +101,10 @@ def test_streamed_text_pieces_add_up_to_the_decoded_completion(bpe_shards):
     tokens = tokenizer.encode(text)
     choice = ChoiceText([], tokenizer)
     pieces = [choice.add(token, "length" if i == len(tokens) - 1 else None) for i, token in enumerate(tokens)]
-    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
-    assert encode_prompt(text, tokenizer) == tokens and encode_prompt("", tokenizer) == [0]
+    assert "".join(pieces) == text
+    assert "\ufffd" not in "".join(pieces)
+    assert encode_prompt(text, tokenizer) == tokens
+    assert encode_prompt("", tokenizer) == [0]
     assert finish_reason(tokens, 1, 100, 1000, ["return"], tokenizer) == "stop"
 
 
@@ -110,4 +114,5 @@ def test_the_bytes_tokenizer_as_a_tokenizers_file_maps_each_byte_to_its_value(tm
     (tmp_path / "tokenizer.json").write_text(bytes_tokenizer_json())
     tokenizer = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     text = "def héllo():\n\treturn '\u2603'\n"
-    assert tokenizer.encode(text).ids == list(text.encode()) and tokenizer.decode(list(text.encode())) == text
+    assert tokenizer.encode(text).ids == list(text.encode())
+    assert tokenizer.decode(list(text.encode())) == text

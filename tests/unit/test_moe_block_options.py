@@ -138,7 +138,8 @@ def test_balance_bias_moves_towards_the_underloaded_experts_after_each_step_and_
     expected = 0.01 * torch.sign(load.mean() - load)  # two training forwards saw the same load, twice
     torch.testing.assert_close(layer.router.score_bias, expected)
     assert layer.router.pending_load.sum() == 0
-    assert "router.score_bias" in layer.state_dict() and "router.pending_load" not in layer.state_dict()
+    assert "router.score_bias" in layer.state_dict()
+    assert "router.pending_load" not in layer.state_dict()
 
 
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
@@ -152,16 +153,19 @@ def test_bias_balancing_spreads_a_skewed_load(scoring):
         layer(x)
         loads.append(layer.router.last_stats["expert_fraction"].max().item())
         update_balance_biases(layer)
-    assert loads[0] > 0.6 and max(loads[-5:]) < 0.25  # 1/8 is perfect balance
+    assert loads[0] > 0.6  # 1/8 is perfect balance
+    assert max(loads[-5:]) < 0.25
 
 
 def test_default_gpt_keeps_its_parameters_and_a_llama_style_gpt_has_none_of_gpt2s():
     old = build_model(GPTSpec(d_model=32, n_heads=4, n_layers=2, seq_len=16))
-    assert "pos_emb.weight" in old.state_dict() and "blocks.0.attn.qkv.bias" in old.state_dict()
+    assert "pos_emb.weight" in old.state_dict()
+    assert "blocks.0.attn.qkv.bias" in old.state_dict()
     llama = build_model(
         GPTSpec(d_model=32, n_heads=4, n_layers=2, seq_len=16, norm="rmsnorm", position="rope", mlp="swiglu",
                 bias=False, moe={"num_experts": 4, "top_k": 2, "every_n_layers": 2, "shared_experts": 1})
     )
     names = set(llama.state_dict())
     assert not any(name.endswith(".bias") or "pos_emb" in name for name in names)
-    assert "blocks.0.ffn.gate.weight" in names and "blocks.1.ffn.moe.shared.gate.weight" in names
+    assert "blocks.0.ffn.gate.weight" in names
+    assert "blocks.1.ffn.moe.shared.gate.weight" in names

@@ -66,7 +66,8 @@ def test_balance_loss_drives_a_skewed_router_towards_balance():
         optimizer.step()
     after = layer(tokens).balance_loss
     fraction = layer.last_stats["expert_fraction"]
-    assert fraction.max() < 0.4 and fraction.min() > 0.1, fraction.tolist()  # 0.25 is perfect balance
+    assert fraction.max() < 0.4, fraction.tolist()  # 0.25 is perfect balance
+    assert fraction.min() > 0.1, fraction.tolist()
     assert after < 1.1  # E * sum(p * f) is 1 when balanced
 
 
@@ -97,7 +98,8 @@ def test_noisy_gating_samples_only_in_training_and_trains_its_noise():
     noisy = layer(tokens)
     assert not torch.equal(noisy.experts, clean)
     (noisy.weights.sum(dim=1) * torch.arange(256.0)).sum().backward()
-    assert layer.noise.weight.grad is not None and layer.noise.weight.grad.abs().sum() > 0
+    assert layer.noise.weight.grad is not None
+    assert layer.noise.weight.grad.abs().sum() > 0
 
 
 def test_stats_describe_the_routing():
@@ -106,7 +108,8 @@ def test_stats_describe_the_routing():
     stats = layer.last_stats
     assert math.isclose(float(stats["expert_fraction"].sum()), 1.0, rel_tol=1e-6)
     dropped = (routing.experts == EXPERTS).float().mean()
-    assert torch.equal(stats["dropped_fraction"], dropped) and dropped > 0.3
+    assert torch.equal(stats["dropped_fraction"], dropped)
+    assert dropped > 0.3
     assert 0 < stats["router_entropy"] <= math.log(EXPERTS)
     assert int(routing.counts.sum()) == int((routing.experts < EXPERTS).sum())
     assert all(not value.requires_grad for value in stats.values())
@@ -116,7 +119,8 @@ def test_expert_choice_gives_every_expert_its_best_tokens():
     layer = TopKRouter(D_MODEL, EXPERTS, 2, 1.0, 1.0, 0, drop_tokens=True, expert_choice=True)
     routing = layer(torch.randn(64, D_MODEL))
     assert routing.counts.tolist() == [32] * EXPERTS  # ceil(64 / 4 * 2 * 1.0) each: balanced by construction
-    assert routing.experts.shape == (64, EXPERTS) and float(routing.balance_loss) == 0.0
+    assert routing.experts.shape == (64, EXPERTS)
+    assert float(routing.balance_loss) == 0.0
     assert math.isclose(float(layer.last_stats["expert_fraction"].sum()), 1.0, rel_tol=1e-6)
 
 

@@ -38,13 +38,15 @@ def test_every_moe_block_reports_its_routing():
     stats = routing_stats(model)
     assert sorted(stats) == [1, 3]  # every_n_layers=2: blocks 1 and 3
     for values in stats.values():
-        assert values["expert_fraction"].shape == (4,) and values["dropped_fraction"] > 0
+        assert values["expert_fraction"].shape == (4,)
+        assert values["dropped_fraction"] > 0
 
 
 def test_moe_stats_reads_back_the_latest_step(logged):
     run_dir, stats = logged
     step, rows = moe_stats_table(run_dir)
-    assert step == 20 and [row["layer"] for row in rows] == [1, 3]
+    assert step == 20
+    assert [row["layer"] for row in rows] == [1, 3]
     for row in rows:
         load = stats[row["layer"]]["expert_fraction"]
         assert row["max_load"] == pytest.approx(float(load.max() * 4), rel=1e-5)
@@ -55,11 +57,15 @@ def test_moe_stats_reads_back_the_latest_step(logged):
 def test_moe_stats_command_prints_the_table_and_json(logged, capsys):
     run_dir, _ = logged
     code, out, _ = run_cli(["moe-stats", str(run_dir)], capsys)
-    assert code == 0 and "step 20" in out and "max_load" in out
+    assert code == 0
+    assert "step 20" in out
+    assert "max_load" in out
     code, out, _ = run_cli(["moe-stats", str(run_dir), "--json"], capsys)
-    assert code == 0 and [row["layer"] for row in json.loads(out)["layers"]] == [1, 3]
+    assert code == 0
+    assert [row["layer"] for row in json.loads(out)["layers"]] == [1, 3]
 
 
 def test_moe_stats_on_a_run_without_routing_logs_is_a_user_error(tmp_path, capsys):
     code, _, err = run_cli(["moe-stats", str(tmp_path)], capsys)
-    assert code == 2 and "tensorboard" in err
+    assert code == 2
+    assert "tensorboard" in err

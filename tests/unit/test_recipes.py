@@ -62,7 +62,8 @@ def test_every_node_gets_the_token_through_file_mounts_and_fails_loudly_without_
     assert not any("|| true" in c for c in commands)
     assert any(c.startswith("test -s ~/.ray/auth_token") for c in common["setup_commands"])
     starts = [c for c in common["head_start_ray_commands"] + common["worker_start_ray_commands"] if "ray start" in c]
-    assert starts and all(c.startswith("RAY_AUTH_MODE=token ray start") for c in starts)
+    assert starts
+    assert all(c.startswith("RAY_AUTH_MODE=token ray start") for c in starts)
 
 
 @pytest.mark.parametrize("name", ["aws", "gcp"])
@@ -210,7 +211,8 @@ def test_constraints_pin_the_ray_of_the_image() -> None:
         pytest.skip("no constraints.txt in this checkout")
     pinned = re.search(r"^ray(\[[^\]]*\])?==([\d.]+)", constraints.read_text(), re.M)
     base_image_ray = re.search(r"^FROM rayproject/ray:([\d.]+)-", dockerfile(), re.M).group(1)
-    assert pinned and pinned.group(2) == base_image_ray
+    assert pinned
+    assert pinned.group(2) == base_image_ray
 
 
 @pytest.mark.parametrize(

@@ -25,8 +25,11 @@ def test_a_sequence_the_model_cannot_take_fails_alone_and_the_others_decode_on()
     alone = DecodeRunner(tiny_gpt()).step(StepPlan(admit=[Admit(0, [10, 20], greedy)]))[0].token
     bad = [Admit(1, [10, 300], greedy), Admit(2, [1] * 33, greedy), Admit(3, [5], SamplingParams(seed=2**64))]
     picked = runner.step(StepPlan(admit=[Admit(0, [10, 20], greedy), *bad]))
-    assert "vocabulary" in picked[1].error and "context" in picked[2].error and "sampling" in picked[3].error
-    assert picked[0].token == alone and set(runner.live) == {0}
+    assert "vocabulary" in picked[1].error
+    assert "context" in picked[2].error
+    assert "sampling" in picked[3].error
+    assert picked[0].token == alone
+    assert set(runner.live) == {0}
 
 
 @pytest.mark.parametrize("temperature", [1e-300, 1e-6, 1e-3, 10.0])
@@ -34,7 +37,8 @@ def test_any_allowed_temperature_picks_a_token_of_the_vocabulary(temperature: fl
     logits = torch.randn(256, generator=torch.Generator().manual_seed(0)) * 30
     params = SamplingParams(temperature=temperature, seed=3)
     token = params.pick(logits, params.generator())
-    assert 0 <= token < 256 and (temperature > 1e-5 or token == int(logits.argmax()))
+    assert 0 <= token < 256
+    assert (temperature > 1e-5 or token == int(logits.argmax()))
 
 
 def test_penalties_and_logit_bias_follow_vllms_formulas() -> None:
@@ -99,7 +103,8 @@ def test_the_kv_budget_counts_what_a_sequence_allocates_and_admission_keeps_to_i
         return await asyncio.gather(*(one([5 + i]) for i in range(5)))
 
     runner = DecodeRunner(model)
-    assert len(asyncio.run(main())) == 5 and max(held) == 2  # five requests, a budget of two caches
+    assert len(asyncio.run(main())) == 5  # five requests, a budget of two caches
+    assert max(held) == 2
 
 
 def test_a_full_waiting_line_refuses_new_sequences_instead_of_queueing_them() -> None:
