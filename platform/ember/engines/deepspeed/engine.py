@@ -15,6 +15,7 @@ from torch import nn
 
 from ember.checkpoint.io import save_file
 from ember.engines.base import ENGINES
+from ember.engines.deepspeed.comm import init_deepspeed_comm
 from ember.engines.deepspeed.moe import expose_to_deepspeed
 from ember.engines.optim import build_optimizer, build_scheduler
 from ember.errors import UserError
@@ -162,7 +163,7 @@ def build_deepspeed_engine(spec, model: nn.Module, world: World) -> DeepSpeedEng
         raise UserError("engine.precision=fp16 needs a GPU (DeepSpeed's fp16 loss scaling); use bf16 or fp32 on CPU")
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=world.backend)  # adopts the existing torch process group
+    init_deepspeed_comm(world.backend)
     expose_to_deepspeed(model)  # ember's MoE layers: ZeRO's expert groups and per-expert checkpoint files
     offloads = spec.engine.offload_optimizer != "none"
     optimizer = build_optimizer(model, spec.optim, fused=world.device.type == "cuda" and not offloads)

@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from ember.engines.deepspeed.comm import init_deepspeed_comm
 from ember.models.layers.moe import EmberMoE
 from ember.models.layers.moe.layouts import to_per_expert_layout
 
@@ -44,9 +45,7 @@ def join_deepspeed_groups(model: nn.Module, backend: str) -> None:
     layers = [m for m in model.modules() if hasattr(m, "set_deepspeed_parallelism")]
     if not layers:
         return
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend=backend)  # reuses the existing torch.distributed group
+    init_deepspeed_comm(backend)  # reuses the existing torch.distributed group
     for layer in layers:
         layer.set_deepspeed_parallelism()
 
