@@ -3,6 +3,7 @@ the head's token, and jobs submitted from a laptop that shares no storage with t
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -107,6 +108,7 @@ def test_a_laptop_job_on_shared_storage_survives_losing_a_whole_host(ray_hosts: 
     while not committed(run_dir):  # the fault's injection point: the first committed checkpoint
         assert time.monotonic() < deadline, "no committed checkpoint within 300 s"
         time.sleep(0.1)
+    first = json.loads((run_dir / "checkpoints" / f"step_{committed(run_dir)[0]:06d}" / "manifest.json").read_text())
     host2 = ray_hosts.workers.pop()
     hosts.remove_host(host2.name)  # SIGKILL to every process of the host at once, then its network is gone
     newest_at_loss = committed(run_dir)[-1]
@@ -121,3 +123,6 @@ def test_a_laptop_job_on_shared_storage_survives_losing_a_whole_host(ray_hosts: 
     assert resumes[0]["step"] >= newest_at_loss, resumes
     assert resumes[0]["step"] % 20 == 0, resumes
     assert committed(run_dir)[-1] == STEPS
+    # the EP=2 job had one rank on each host, and the manifest says which host holds which experts
+    assert sorted(rank["host"] for rank in first["placement"]["ranks"]) == ["host1", "host2"]
+    assert first["placement"]["layers"]["1"] == {"0": 0, "1": 0, "2": 1, "3": 1}  # expert -> EP rank
