@@ -230,6 +230,7 @@ def narrow_rank(rank: int, world_size: int, folder: str) -> dict[str, Any]:
     results.update(train_and_save(rank, world_size, NARROW, folder))
     _, _, zero3 = build(Run("zero3-w1", 1, 3))
     results["zero3 reshards_on_load"] = zero3.reshards_on_load
+    results["zero3 reshard_refusal"] = zero3.reshard_refusal
     return results
 
 
@@ -308,6 +309,7 @@ def test_resume_on_more_ranks_or_another_ep_size_with_every_tensor_bitwise(wide,
 
 def test_zero3_says_it_cannot_reshard(narrow):
     assert narrow[0]["zero3 reshards_on_load"] is False
+    assert "ZeRO-3 checkpoints are not resharded" in narrow[0]["zero3 reshard_refusal"]  # the resume error says why
 
 
 # ---- refusals: files only, no process group --------------------------------------------------------

@@ -261,9 +261,11 @@ class Trainer:
         state = read_state(path)
         saved_world = state["world_size"]
         if saved_world != self.world.world_size and not self.objective.parts.reshards_on_load:
+            why = self.objective.parts.reshard_refusal()
             raise UserError(
                 f"{path} was saved by {saved_world} workers, this run has {self.world.world_size}, and engine "
-                f"{self.spec.engine.kind} cannot reshard its checkpoint; set cluster.num_workers={saved_world}"
+                f"{self.spec.engine.kind} cannot reshard its checkpoint{f' ({why})' if why else ''}; "
+                f"set cluster.num_workers={saved_world}"
             )
         self.objective.parts.load(path / "engine")
         self.train_stream.load_state(state["data"])  # slots keep their positions on any world size

@@ -84,6 +84,13 @@ class DeepSpeedEngine:
 
         return reshard_problem(self.ds) is None
 
+    @property
+    def reshard_refusal(self) -> str | None:
+        """Why this engine's checkpoints cannot load on another world size (None: they can)."""
+        from ember.engines.deepspeed.reshard import reshard_problem
+
+        return reshard_problem(self.ds)
+
     def __init__(self, ds, world: World) -> None:
         self.ds, self.world = ds, world
         self.module: nn.Module = ds.module

@@ -90,6 +90,11 @@ class ModelParts:
     def reshards_on_load(self) -> bool:
         return all(engine.reshards_on_load for engine in self.engines.values())
 
+    def reshard_refusal(self) -> str:
+        """The engines' own reasons for not resharding, where they give one."""
+        reasons = (getattr(engine, "reshard_refusal", None) for engine in self.engines.values())
+        return "; ".join(reason for reason in reasons if reason)
+
     def folder_of(self, root: Path, name: str) -> Path:
         return root / name if self.nested else root
 
