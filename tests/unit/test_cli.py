@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import shard_overrides
 from tests.helpers.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,6 +47,18 @@ def test_user_mistakes_exit_2_with_one_message(args: list[str], needle: str, cap
     code, out, err = run_cli(args, capsys)
     assert code == 2
     assert needle in out + err
+    assert "Traceback" not in out + err
+
+
+def test_a_run_dir_that_cannot_be_written_exits_2_naming_it(tmp_path: Path, text_shards: Path, capsys) -> None:
+    """A file where the run folder should be (a read-only or full disk fails the same call), before Ray starts."""
+    (tmp_path / "taken").write_text("a file, not a folder")
+    run_dir = tmp_path / "taken" / "run"
+    sets = [f"run_dir={run_dir}", *shard_overrides(text_shards)]
+    code, out, err = run_cli(["run", str(REPO / "jobs/debug/tiny-moe.yaml"), *[a for s in sets for a in ("--set", s)]],
+                             capsys)  # fmt: skip
+    assert code == 2
+    assert f"run_dir: cannot write {run_dir}" in out + err
     assert "Traceback" not in out + err
 
 

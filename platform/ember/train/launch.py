@@ -67,8 +67,11 @@ def run_job(spec: JobSpec, verbose: bool = False, console: Console | None = None
 
 def prepare_run_dir(spec: JobSpec) -> Path:
     run_dir = spec.output_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    except OSError as exc:  # read-only, full, or a file in the way: the user's setting, not a crash
+        raise UserError(f"run_dir: cannot write {run_dir} ({exc.strerror or exc}); choose a writable folder") from exc
     return run_dir
 
 
