@@ -361,7 +361,8 @@ def serve_(
         Path | None, typer.Option(help="Jinja2 chat template (as Hugging Face tokenizers use): /v1/chat/completions.")
     ] = None,
     kv_cache_mb: Annotated[
-        float | None, typer.Option(min=0.001, help="KV-cache budget per rank in MiB; admission waits for room in it.")
+        float | None, typer.Option(min=0.001, help="KV-cache budget per rank in MiB; admission waits for room in it "
+                                      "(default: half the memory free after loading, split among a host's ranks).")
     ] = None,
     max_waiting: Annotated[
         int | None, typer.Option(min=1, help="Sequences that may wait for a slot; past it, 503 (default 4 x batch).")

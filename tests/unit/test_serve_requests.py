@@ -126,3 +126,16 @@ def test_a_full_waiting_line_refuses_new_sequences_instead_of_queueing_them() ->
         waiting.cancel()
 
     asyncio.run(main())
+
+
+def test_without_a_budget_ranks_sharing_a_host_split_half_its_free_memory_and_the_smallest_share_wins() -> None:
+    from ember.serve.memory import DEFAULT_KV_FRACTION, MIB, default_kv_cache_mb, free_memory_bytes
+
+    free = free_memory_bytes(torch.device("cpu"))
+    total = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal:"))
+    assert 0 < free <= total
+    ranks = [{"memory_pool": "node-a/cpu", "free_memory_bytes": 8 * MIB},
+             {"memory_pool": "node-a/cpu", "free_memory_bytes": 8 * MIB},
+             {"memory_pool": "node-b/cpu", "free_memory_bytes": 12 * MIB}]  # fmt: skip
+    assert default_kv_cache_mb(ranks) == DEFAULT_KV_FRACTION * 8 / 2  # node a's two ranks share its 8 MiB
+    assert default_kv_cache_mb(ranks[2:]) == DEFAULT_KV_FRACTION * 12

@@ -30,7 +30,7 @@ from ember.serve.chat import ChatTemplate
 from ember.serve.expert_actor import ShardGroup
 from ember.serve.http import build_api
 from ember.serve.images import ImageQuery, ImageSampler
-from ember.serve.memory import kv_bytes_per_sequence, sequences_per_rank
+from ember.serve.memory import default_kv_cache_mb, kv_bytes_per_sequence, sequences_per_rank
 from ember.serve.metrics import RequestCounts, prometheus_text
 from ember.serve.placement import serving_spec
 from ember.serve.protocol import ApiError, ChatRequest
@@ -49,7 +49,7 @@ class ServeOptions:
     token: str | None = None
     name: str = "ember"
     max_batch: int = 64  # running sequences per replica
-    kv_cache_mb: float | None = None  # per rank; admission waits for room in it (default: max_batch alone)
+    kv_cache_mb: float | None = None  # per rank; admission waits for room in it (default: half the free memory)
     max_waiting: int | None = None  # sequences waiting for a slot before requests get 503; default 4 x max_batch
     served_model_name: str | None = None  # the `model` clients name; default: `name`
     chat_template: str | None = None  # Jinja2 source (--chat-template FILE), checked by check_options
@@ -112,7 +112,8 @@ class EmberServer:
             self.group = await ShardGroup.start(str(checkpoint), options.ep_size, options.rank_cpus, options.use_gpu)
             self.tokenizer = checkpoint_tokenizer(checkpoint, spec)
             self.max_sequences = options.max_waiting or 4 * options.max_batch
-            per_rank = sequences_per_rank(spec.model, options.kv_cache_mb, options.max_batch)
+            self.kv_cache_mb = options.kv_cache_mb or default_kv_cache_mb(self.group.descriptions)
+            per_rank = sequences_per_rank(spec.model, self.kv_cache_mb, options.max_batch)
             self.kv_bytes = kv_bytes_per_sequence(spec.model)
             self.step_loop = StepLoop(
                 self.group.step, options.ep_size, self.seq_len, options.max_batch, self.max_sequences, per_rank,

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 import ray
 from ember.generation.decode import DecodeRunner, Picked, StepPlan
+from ember.serve.memory import free_memory_bytes
 from ember.world import World, backend_for, resolve_device
 
 GROUP_TIMEOUT = datetime.timedelta(seconds=60)  # a dead rank unblocks the others' collectives after this
@@ -83,6 +84,8 @@ class ExpertShard:
             "expert_parameters": sum(p.numel() for p in params if is_expert_parameter(p)),
             "dense_parameters": sum(p.numel() for p in params if not is_expert_parameter(p)),
             "device": str(self.device),
+            "free_memory_bytes": free_memory_bytes(self.device),  # after the weights: the KV-cache default's base
+            "memory_pool": f"{ray.get_runtime_context().get_node_id()}/{self.device}",
         }
 
     @ray.method(concurrency_group="health")
