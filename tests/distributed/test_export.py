@@ -37,8 +37,9 @@ def spec_dict(ep_size: int) -> dict:
     }
 
 
-def train_save_and_probe(rank: int, world_size: int, folder: str) -> torch.Tensor:
-    spec = JobSpec.from_dict(spec_dict(ep_size=2))
+def train_save_and_probe(rank: int, world_size: int, folder: str, spec_fields: dict) -> torch.Tensor:
+    """Three ZeRO-2 EP=2 steps of `spec_fields`' MoE GPT, a checkpoint in `folder`, then one probe's logits."""
+    spec = JobSpec.from_dict(spec_fields)
     world = world_from_env("cpu", ep_size=2)
     torch.manual_seed(0)
     engine = build_engine(spec, build_model(spec.model, world.expert_placement(spec.model), seed=0), world)
@@ -66,7 +67,7 @@ def exported_logits(rank: int, world_size: int, exported: str) -> torch.Tensor:
 
 
 def test_export_of_expert_parallel_zero2_matches_the_sharded_model(tmp_path: Path) -> None:
-    sharded = run_on_ranks(train_save_and_probe, 2, str(tmp_path))
+    sharded = run_on_ranks(train_save_and_probe, 2, str(tmp_path), spec_dict(ep_size=2))
     torch.testing.assert_close(sharded[0], sharded[1], rtol=0, atol=0)
     out = tmp_path / "model.safetensors"
     export_safetensors(tmp_path, out, full_state_dict)

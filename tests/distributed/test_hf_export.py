@@ -12,14 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ember.checkpoint.manager import CheckpointManager
 from ember.data.build import build_text_shards
-from ember.engines import build_engine
-from ember.models import build_model
-from ember.spec import JobSpec
-from ember.train.objectives.lm import lm_loss, split_batch
-from ember.world import world_from_env
-from tests.distributed.test_export import MICRO, text_rows
+from ember.train.objectives.lm import split_batch
+from tests.distributed.test_export import MICRO, text_rows, train_save_and_probe
 from tests.helpers.distributed import free_port, run_on_ranks
 
 pytestmark = pytest.mark.distributed
@@ -41,26 +36,8 @@ def mixtral_spec() -> dict:
     }
 
 
-def train_save_and_probe(rank: int, world_size: int, folder: str) -> torch.Tensor:
-    spec = JobSpec.from_dict(mixtral_spec())
-    world = world_from_env("cpu", ep_size=2)
-    engine = build_engine(spec, build_model(spec.model, world.expert_placement(spec.model), seed=0), world)
-    for step in range(3):
-        inputs, targets = split_batch(text_rows(4096 * (2 * step + rank), MICRO))
-        loss, _ = lm_loss(engine.forward(inputs), targets, aux_weight=0.01)
-        engine.backward(loss)
-        engine.step()
-    facts = {"spec": spec.model_dump(mode="json"), "engine": "deepspeed"}
-    CheckpointManager(Path(folder) / "checkpoints", world, facts=facts).save(
-        3, engine, {"data": {}, "world_size": world_size}, {"rng": None}
-    )
-    engine.module.eval()
-    with torch.no_grad():
-        return engine.forward(split_batch(text_rows(100_000, MICRO))[0]).logits
-
-
 def test_hf_export_of_an_expert_parallel_checkpoint_loads_in_transformers_with_its_logits(tmp_path: Path) -> None:
-    sharded = run_on_ranks(train_save_and_probe, 2, str(tmp_path))
+    sharded = run_on_ranks(train_save_and_probe, 2, str(tmp_path), mixtral_spec())
     out = tmp_path / "hf"
     command = [sys.executable, "-m", "ember.cli", "ckpt", "export", str(tmp_path), "--format", "hf", "--out", str(out)]
     assert "MixtralForCausalLM" in subprocess.run(command, check=True, capture_output=True, text=True).stdout

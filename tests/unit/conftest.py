@@ -6,9 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from ember.data.build import build_text_shards
 from ember.data.build_images import build_image_shards
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: a second OpenMP thread only adds barrier waits on a shared two-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -16,12 +16,7 @@ from ember.spec.model import GPTSpec, MoESpec
 D_MODEL, D_FF, TOKENS = 16, 24, 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build_layer(mlp: str = "swiglu", bias: bool = False, **moe) -> EmberMoE:

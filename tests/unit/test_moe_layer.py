@@ -31,13 +31,7 @@ def process_group():
     local_world()  # DeepSpeed's gate asks torch.distributed for group sizes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only adds barrier waits on a shared two-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def moe_spec(**overrides) -> MoESpec:

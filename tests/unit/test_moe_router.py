@@ -14,13 +14,7 @@ from ember.spec.model import MoESpec
 D_MODEL, EXPERTS = 16, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only adds barrier waits on a shared two-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def router(top_k: int = 1, drop_tokens: bool = False, noisy: bool = False, capacity_factor: float = 1.0) -> TopKRouter:
