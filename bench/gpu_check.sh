@@ -38,3 +38,7 @@ run dense-ddp-bf16 "schedule.steps=$steps" 'engine={kind: ddp, precision: bf16}'
 run dense-fsdp2-bf16 "schedule.steps=$steps" 'engine={kind: fsdp, precision: bf16}' model.moe=null
 run dense-fairscale-fsdp-bf16 "schedule.steps=$steps" 'engine={kind: fairscale, mode: fsdp, precision: bf16}' model.moe=null
 grep -h "sample after" -A3 "$out/quickstart-moe-zero2-bf16.log" || true
+# MoE layer on the GPU: ember's default there (torch's grouped GEMM, bf16) vs DeepSpeed's MoE and a dense FFN,
+# then ember's backends side by side (grouped_mm vs the segment loop vs padded).
+python3 bench/moe_layer.py --device cuda --dtype bf16 --tokens 16384 --repeats 10 | tee "$out/moe_layer.log"
+python3 bench/moe_layer.py --device cuda --dtype bf16 --tokens 16384 --repeats 10 --backends | tee "$out/moe_backends.log"

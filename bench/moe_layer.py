@@ -3,10 +3,13 @@ DeepSpeed's MoE (capacity factor 1.0, and dropless), fairscale's MOELayer (top-2
 and ember's layer (capacity factor 1.0, and dropless), at several expert counts and k in {1, 2}.
 
     python bench/moe_layer.py [--tokens 4096] [--experts 4 16 64] [--repeats 3] [--threads 2] [--backends]
+                              [--device cuda --dtype bf16]
 
 Within one (E, k) group the variants run interleaved, repeat after repeat, and each keeps its fastest time:
 on a shared machine that compares them under the same load. E=64 vs E=4 is compared through each group's
 dense time for the same reason. --backends times ember's expert backends (segments, grouped_mm, padded) instead.
+On a GPU (`--device cuda --dtype bf16`, what bench/gpu_check.sh runs) ember's layer uses its default backend there,
+torch's grouped GEMM; every step ends with a device synchronize so the times are the kernels'.
 The last line is one JSON object.
 """
 
@@ -31,6 +34,7 @@ from ember.world import local_world
 
 D_MODEL, D_FF = 256, 1024
 Step = Callable[[], None]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def moe_spec(experts: int, k: int, drop_tokens: bool, impl: str) -> MoESpec:
@@ -56,8 +60,9 @@ def build_layers(experts: int, k: int) -> dict[str, nn.Module]:
     return layers
 
 
-def training_step(layer: nn.Module, tokens: int) -> Step:
-    x = torch.randn(64, tokens // 64, D_MODEL, requires_grad=True)  # fairscale wants (groups, tokens, d)
+def training_step(layer: nn.Module, tokens: int, device: torch.device, dtype: torch.dtype) -> Step:
+    layer.to(device, dtype)
+    x = torch.randn(64, tokens // 64, D_MODEL, device=device, dtype=dtype, requires_grad=True)  # fairscale: 3-D
     grad = torch.randn_like(x)
 
     def step() -> None:
@@ -71,6 +76,8 @@ def training_step(layer: nn.Module, tokens: int) -> Step:
         torch.autograd.backward(outputs, grads)
         layer.zero_grad(set_to_none=True)
         x.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     return step
 
@@ -95,7 +102,7 @@ def bench_layers(args) -> dict[str, dict[str, float]]:
     for k in (1, 2):
         for experts in args.experts:
             layers = build_layers(experts, k)
-            steps = {name: training_step(layer, args.tokens) for name, layer in layers.items()}
+            steps = {name: training_step(layer, args.tokens, args.device, args.dtype) for name, layer in layers.items()}
             seconds = fastest(steps, args.repeats)
             results[f"E{experts}-k{k}"] = {name: args.tokens / s for name, s in seconds.items()}
             print_row(f"E{experts}-k{k}", results[f"E{experts}-k{k}"])
@@ -110,7 +117,8 @@ def bench_backends(args) -> dict[str, dict[str, float]]:
             for backend in RUNNERS:
                 layers[backend] = EmberMoE(D_MODEL, D_FF, moe_spec(experts, k, False, "ember"))
                 layers[backend].experts.backend = backend
-            seconds = fastest({name: training_step(layer, args.tokens) for name, layer in layers.items()}, args.repeats)
+            steps = {name: training_step(layer, args.tokens, args.device, args.dtype) for name, layer in layers.items()}
+            seconds = fastest(steps, args.repeats)
             results[f"E{experts}-k{k}"] = {name: args.tokens / s for name, s in seconds.items()}
             print_row(f"E{experts}-k{k}", results[f"E{experts}-k{k}"])
     return results
@@ -150,13 +158,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backends", action="store_true", help="time ember's expert backends instead")
+    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"))
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     args = parser.parse_args()
+    dtype_name, args.dtype = args.dtype, DTYPES[args.dtype]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     warnings.simplefilter("ignore")
     local_world()
-    print(f"tokens/s, forward + backward: {args.tokens} tokens, d={D_MODEL}, d_ff={D_FF}, fp32, "
-          f"{args.threads} threads; (x) = vs the dense FFN of the same active FLOPs")
+    where = f"{args.threads} threads" if args.device.type == "cpu" else torch.cuda.get_device_name(args.device)
+    print(f"tokens/s, forward + backward: {args.tokens} tokens, d={D_MODEL}, d_ff={D_FF}, {dtype_name}, {where}; "
+          "(x) = vs the dense FFN of the same active FLOPs")
     if args.backends:
         results = bench_backends(args)
         print(json.dumps({f"{g}/{n}_vs_dense": round(r / rates["dense"], 3)

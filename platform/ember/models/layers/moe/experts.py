@@ -9,11 +9,14 @@ Without biases (bias: false), b_in and b_out stay as zero buffers: every checkpo
 path keeps the one stacked layout.
 
 Biases are stored flat so the optimizer's "decay matrices only" rule treats them as the vectors they are.
-Three ways to run the grouped GEMMs; BACKENDS picks per device from bench/moe_layer.py's measurements:
+Three ways to run the grouped GEMMs (`backend`; by default `choose_backend` picks one per call):
   segments    one GEMM per expert segment into preallocated buffers, forward and backward in one autograd
-              Function (no per-expert autograd nodes, no padding)
-  grouped_mm  torch._grouped_mm over offsets (cuBLAS/CUTLASS grouped GEMM on Hopper; a loop on CPU)
-  padded      batched GEMM over groups padded to the largest one
+              Function (no per-expert autograd nodes, no padding); the CPU default, measured fastest there
+              by bench/moe_layer.py --backends. SwiGLU experts run segment by segment under autograd.
+  grouped_mm  torch's grouped GEMM over the segments' end offsets (one CUTLASS kernel per matrix on CUDA
+              SM >= 80, a loop inside torch on CPU); the CUDA default in bf16, GELU and SwiGLU experts.
+  padded      batched GEMM over groups padded to the largest one (GELU experts only)
+Every backend computes the same function; tests hold them equal (CPU runs each one).
 """
 
 from __future__ import annotations
@@ -25,8 +28,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Measured with bench/moe_layer.py --backends (fp32, 2 CPU threads, d=256, d_ff=1024, 4096 tokens).
-BACKENDS = {"cpu": "segments", "cuda": "segments"}
+GROUPED_MM_MIN_CAPABILITY = (8, 0)  # torch's grouped GEMM kernels: Ampere and later
+GROUPED_MM_ALIGN_BYTES = 16  # each row of every operand starts 16-byte aligned (a whole expert's rows too)
+
+
+def choose_backend(device_type: str, dtype: torch.dtype, widths: tuple[int, int],
+                   capability: tuple[int, int] | None = None) -> str:
+    """The default backend: torch's grouped GEMM on a CUDA GPU that has it (`capability`: the GPU's compute
+    capability), in bf16, with rows it can align; the segment loop everywhere else (CPU: measured fastest
+    there; fp32/fp16 GPU runs: the grouped kernels take bf16).
+
+    Rows of a [R, d] operand start at multiples of d elements, so every expert's first row is 16-byte aligned
+    for any group sizes once d_model and d_ff (`widths`) are multiples of 8 in bf16: no padding of groups.
+    """
+    if device_type != "cuda" or dtype != torch.bfloat16 or not hasattr(F, "grouped_mm"):  # torch >= 2.9
+        return "segments"
+    if capability is None or capability < GROUPED_MM_MIN_CAPABILITY:
+        return "segments"
+    aligned = all(width * dtype.itemsize % GROUPED_MM_ALIGN_BYTES == 0 for width in widths)
+    return "grouped_mm" if aligned else "segments"
 
 
 class GroupedExperts(nn.Module):
@@ -67,11 +87,12 @@ class GroupedExperts(nn.Module):
         weights = self.w_in, self.b_in.view(self.num_local, -1), self.w_out, self.b_out.view(self.num_local, -1)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         x, weights = x.to(dtype), [w.to(dtype) for w in weights]
-        backend = self.backend or BACKENDS.get(x.device.type, "segments")
+        capability = torch.cuda.get_device_capability(x.device) if x.device.type == "cuda" else None
+        backend = self.backend or choose_backend(x.device.type, dtype, (self.d_model, self.d_ff), capability)
         memory = self.grad_memory if x.device.type == "cpu" else None
         with torch.autocast(x.device.type, enabled=False):
             if self.gated:
-                return run_gated(x, counts, *weights)
+                return GATED_RUNNERS.get(backend, run_gated)(x, counts, *weights)
             return RUNNERS[backend](x, counts, *weights, memory=memory)
 
     @torch.no_grad()
@@ -207,12 +228,26 @@ def run_segments(x, counts, w_in, b_in, w_out, b_out, memory=None) -> torch.Tens
     return SegmentFFN.apply(x, counts, w_in, b_in, w_out, b_out, memory)
 
 
-def run_grouped_mm(x, counts, w_in, b_in, w_out, b_out, memory=None) -> torch.Tensor:
-    offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
-    owner = torch.repeat_interleave(torch.arange(len(counts), device=x.device), torch.tensor(counts, device=x.device))
-    hidden = torch._grouped_mm(x, w_in, offs=offsets) + b_in.index_select(0, owner)
-    act = F.gelu(hidden, approximate="tanh")
-    return torch._grouped_mm(act, w_out, offs=offsets) + b_out.index_select(0, owner)
+def run_grouped_mm(x, counts, w_in, b_in, w_out, b_out, memory=None, gated: bool = False) -> torch.Tensor:
+    """Both GEMMs of every expert as one grouped GEMM each, over the segments' end offsets.
+
+    `counts` arrive as host integers (the dispatcher's one sync, which the all-to-all's split sizes need
+    anyway); they go to the device once, as offsets and as each row's owner for the biases, with the output
+    size given so nothing waits on the device."""
+    sizes = torch.tensor(counts, dtype=torch.int32).to(x.device, non_blocking=True)
+    offsets = sizes.cumsum(0, dtype=torch.int32)
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=x.device), sizes, output_size=x.shape[0])
+    hidden = F.grouped_mm(x, w_in, offs=offsets) + b_in.index_select(0, owner)
+    if gated:
+        gate, up = hidden.chunk(2, dim=-1)
+        act = F.silu(gate) * up
+    else:
+        act = F.gelu(hidden, approximate="tanh")
+    return F.grouped_mm(act, w_out, offs=offsets) + b_out.index_select(0, owner)
+
+
+def run_grouped_mm_gated(x, counts, w_in, b_in, w_out, b_out) -> torch.Tensor:
+    return run_grouped_mm(x, counts, w_in, b_in, w_out, b_out, gated=True)
 
 
 def run_gated(x, counts, w_in, b_in, w_out, b_out) -> torch.Tensor:
@@ -236,3 +271,4 @@ def run_padded(x, counts, w_in, b_in, w_out, b_out, memory=None) -> torch.Tensor
 
 
 RUNNERS = {"segments": run_segments, "grouped_mm": run_grouped_mm, "padded": run_padded}
+GATED_RUNNERS = {"segments": run_gated, "grouped_mm": run_grouped_mm_gated}  # padded: GELU experts only
