@@ -342,14 +342,17 @@ def serve_(
     path: CheckpointArg,
     ep: Annotated[int, typer.Option("--ep", min=1, help="Expert-parallel ranks per replica.")] = 1,
     replicas: Annotated[int, typer.Option(min=1, help="Replicas, each with its own EP ranks.")] = 1,
-    host: Annotated[str, typer.Option(help="HTTP bind address; anything but 127.0.0.1 needs --token-file.")] = (
-        "127.0.0.1"
-    ),
+    host: Annotated[str, typer.Option(
+        help="HTTP bind address (on the Ray head); anything but 127.0.0.1 needs --token-file."
+    )] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,
     token_file: Annotated[
         Path | None, typer.Option(help="File holding the bearer token every request must send.")
     ] = None,
     address: Annotated[str | None, typer.Option(help="Join this Ray cluster (HOST:PORT), not an embedded one.")] = None,
+    spread_ranks: Annotated[bool, typer.Option(
+        "--spread-ranks", help="One EP rank per Ray node (each host holds only its experts); needs --ep nodes."
+    )] = False,
     max_batch: Annotated[int, typer.Option(min=1, help="Sequences decoded together per replica.")] = 64,
     max_tokens: Annotated[int | None, typer.Option(min=1, help="Cap on max_tokens (default: context).")] = None,
     cpus_per_rank: Annotated[float, typer.Option(min=0.01, help="Ray CPUs reserved per EP rank.")] = 0.5,
@@ -385,7 +388,7 @@ def serve_(
     options = ServeOptions(str(path), ep, replicas, host, port, token, max_batch=max_batch, max_waiting=max_waiting,
                            kv_cache_mb=kv_cache_mb,
                            max_tokens_limit=max_tokens, rank_cpus=cpus_per_rank, served_model_name=served_model_name,
-                           chat_template=template)  # fmt: skip
+                           chat_template=template, spread_ranks=spread_ranks)  # fmt: skip
     run_server(options, address, device, lambda line: console.print(line, markup=False, soft_wrap=True))
 
 

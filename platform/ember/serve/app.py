@@ -3,11 +3,12 @@
     app = build_app(ServeOptions(checkpoint=..., ep_size=2))    # a Serve Application
     run_server(options, console)                                # embedded Ray (or --address), then serve
 
-Each replica of the `EmberServer` deployment owns a placement group: bundle 0 for the replica (the HTTP
-routes and the step loop), bundles 1..N for its N expert-parallel ranks (serve/expert_actor.py). The
-replica's health check pings every rank; a rank that died or hangs fails it, and Serve replaces the
-replica and with it the whole group (the survivors would otherwise block in their collectives). Every
-replica start is counted by a small named actor of the application (StartCounter): starts beyond the
+Each replica of the `EmberServer` deployment owns a placement group of one bundle per expert-parallel rank
+(serve/expert_actor.py); bundle 0 also holds the replica itself (the HTTP routes and the step loop), so
+`spread_ranks` (STRICT_SPREAD) can put one rank on each Ray node. The HTTP proxy runs on the head node only,
+bound to `host`. The replica's health check pings every rank; a rank that died or hangs fails it, and Serve
+replaces the replica and with it the whole group (the survivors would otherwise block in their collectives).
+Every replica start is counted by a small named actor of the application (StartCounter): starts beyond the
 replica count are restarts, which /metrics reports.
 """
 
@@ -58,6 +59,7 @@ class ServeOptions:
     replica_cpus: float = 0.25
     rank_cpus: float = 0.5
     use_gpu: bool = False
+    spread_ranks: bool = False  # one EP rank per Ray node (STRICT_SPREAD) instead of packed where they fit
     verified: bool = False  # the checkpoint folder was resolved and its checksums checked (check_options)
     deployment_id: str = ""  # names this deployment's StartCounter (set by build_app)
 
@@ -227,25 +229,35 @@ def build_app(options: ServeOptions):
     options = replace(options, deployment_id=options.deployment_id or secrets.token_hex(4))
     _, _, spec = read_checkpoint_spec(Path(options.checkpoint), verify=False)
     ranks = options.ep_size if spec.model.family == "gpt" else 0
-    rank_bundle = {"CPU": options.rank_cpus, **({"GPU": 1} if options.use_gpu else {})}
     deployment = EmberServer.options(
         name=options.name,
         num_replicas=options.replicas,
         max_ongoing_requests=max(4 * options.max_batch, 256),  # the default (5) would cap the batch at 5
         ray_actor_options={"num_cpus": options.replica_cpus},
         # Fractional CPUs: with Serve's default of 1 CPU per replica and per rank, 2 cores never fit EP=2.
-        # PACK keeps a replica's ranks on one node when they fit, and spreads them when they do not.
-        placement_group_bundles=[{"CPU": options.replica_cpus}] + [rank_bundle] * ranks,
-        placement_group_strategy="PACK",
+        # PACK keeps a replica's ranks on one node when they fit, and spreads them when they do not;
+        # STRICT_SPREAD (--spread-ranks) puts each rank on a node of its own, or waits for one.
+        placement_group_bundles=replica_bundles(options, ranks),
+        placement_group_strategy="STRICT_SPREAD" if options.spread_ranks else "PACK",
         health_check_period_s=5,
         health_check_timeout_s=60,
     )
     return deployment.bind(options)
 
 
+def replica_bundles(options: ServeOptions, ranks: int) -> list[dict[str, float]]:
+    """Bundle r holds EP rank r; bundle 0 also the replica (Serve places it there), so that with STRICT_SPREAD
+    a group of N ranks needs N nodes, not N + 1."""
+    rank = {"CPU": options.rank_cpus, **({"GPU": 1} if options.use_gpu else {})}
+    bundles = [dict(rank) for _ in range(ranks)] or [{"CPU": 0.0}]
+    bundles[0]["CPU"] += options.replica_cpus
+    return bundles
+
+
 def start_application(options: ServeOptions, route_prefix: str = "/", app_name: str | None = None) -> None:
     """Deploy on the Ray this process is connected to; returns once every replica answers."""
-    serve.start(http_options={"host": options.host, "port": options.port})
+    # HeadOnly: one proxy, bound to `host` (an address of the head); a proxy on another node could not bind it
+    serve.start(proxy_location="HeadOnly", http_options={"host": options.host, "port": options.port})
     serve.run(build_app(options), name=app_name or options.name, route_prefix=route_prefix, blocking=False)
 
 
@@ -261,6 +273,11 @@ def run_server(options: ServeOptions, address: str | None, device: str, say) -> 
         ray.init(address=address, namespace="ember")
     started = time.monotonic()
     try:
+        check_cluster(options, address)
+    except UserError:
+        ray.shutdown()  # before Serve starts: a cluster's running Serve is left alone
+        raise
+    try:
         has_gpus = ray.cluster_resources().get("GPU", 0) >= options.ep_size
         options = replace(options, use_gpu=device == "cuda" or (device == "auto" and has_gpus),
                           deployment_id=secrets.token_hex(4))  # fmt: skip
@@ -275,6 +292,26 @@ def run_server(options: ServeOptions, address: str | None, device: str, say) -> 
         serve.shutdown()
         _kill_counter(options)
         ray.shutdown()
+
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::")
+HEAD_RESOURCE = "node:__internal_head__"  # what Ray's head node alone holds
+
+
+def check_cluster(options: ServeOptions, address: str | None) -> None:
+    """UserErrors for what the cluster cannot do: too few nodes to spread the ranks over, or a --host that is
+    not the head's (the one HTTP proxy runs there)."""
+    import ray
+
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    if options.spread_ranks and len(nodes) < options.ep_size:
+        raise UserError(f"--spread-ranks: {options.ep_size} EP ranks need {options.ep_size} Ray nodes, one each; "
+                        f"the cluster has {len(nodes)} alive")  # fmt: skip
+    head = next((node for node in nodes if HEAD_RESOURCE in node["Resources"]), None)
+    names = () if head is None else (head["NodeManagerAddress"], head["NodeManagerHostname"])
+    if address is not None and names and options.host not in (*names, *LOCAL_HOSTS):
+        raise UserError(f"--host {options.host}: the HTTP port opens on the Ray head node; give its address "
+                        f"({names[0]}) or 0.0.0.0")  # fmt: skip
 
 
 def _kill_counter(options: ServeOptions) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
+import socket
 from typing import Any
 
 import torch
@@ -86,6 +87,8 @@ class ExpertShard:
             "device": str(self.device),
             "free_memory_bytes": free_memory_bytes(self.device),  # after the weights: the KV-cache default's base
             "memory_pool": f"{ray.get_runtime_context().get_node_id()}/{self.device}",
+            "host": socket.gethostname(),
+            "ip": ray.util.get_node_ip_address(),
         }
 
     @ray.method(concurrency_group="health")
@@ -94,7 +97,7 @@ class ExpertShard:
 
 
 class ShardGroup:
-    """The ranks of one replica, placed in bundles 1..N of the replica's placement group (bundle 0 is the
+    """The ranks of one replica: rank r in bundle r of the replica's placement group (bundle 0 also holds the
     replica itself)."""
 
     def __init__(self, actors: list[Any], descriptions: list[dict[str, Any]]) -> None:
@@ -108,7 +111,7 @@ class ShardGroup:
         remote = ray.remote(concurrency_groups={"health": 1})(ExpertShard)
         actors = []
         for rank in range(world_size):
-            placement = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank + 1)
+            placement = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank)
             options = {"num_cpus": bundle_cpus, "num_gpus": 1 if use_gpu else 0, "scheduling_strategy": placement}
             actors.append(remote.options(**options).remote(checkpoint, rank, world_size))
         host, port = await actors[0].open_store.remote()
