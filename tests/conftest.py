@@ -19,23 +19,31 @@ def isolate_ray(patch: pytest.MonkeyPatch, folder: Path) -> Path:
     """No RAY_ADDRESS to join the developer's cluster, no RAY_AUTH_TOKEN to send, and a token of the tests' own
     (for the embedded Rays and `ember up`) instead of the real ~/.ray/auth_token. Returns the token's path."""
     token_path = folder / "auth_token"
-    token_path.write_text(secrets.token_hex(32))
-    token_path.chmod(0o600)
+    if not token_path.exists():  # one per folder: see ray_auth_folder
+        token_path.write_text(secrets.token_hex(32))
+        token_path.chmod(0o600)
     for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
         patch.delenv(name, raising=False)
     patch.setenv("RAY_AUTH_TOKEN_PATH", str(token_path))
     return token_path
 
 
+@pytest.fixture(scope="session")
+def ray_auth_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One token for every `ray` module of the session: Ray keeps the first token it reads in the process, so a
+    second module starting its own embedded Ray with another token would fail the GCS handshake."""
+    return tmp_path_factory.mktemp("ray-auth")
+
+
 @pytest.fixture(scope="module", autouse=True)
-def isolated_ray(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path | None]:
+def isolated_ray(request: pytest.FixtureRequest) -> Iterator[Path | None]:
     """Every module marked `ray` runs isolated; module-wide, so its module fixtures and the processes they start
     see it too. Other tiers keep the environment (namespaced hosts have a /tmp of their own)."""
     if request.node.get_closest_marker("ray") is None:
         yield None
         return
     patch = pytest.MonkeyPatch()
-    yield isolate_ray(patch, tmp_path_factory.mktemp("ray-auth"))
+    yield isolate_ray(patch, request.getfixturevalue("ray_auth_folder"))
     patch.undo()
 
 

@@ -310,6 +310,10 @@ CheckpointArg = Annotated[Path, typer.Argument(help="Run folder (newest valid ch
 TemperatureOpt = Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy.")]
 TopKOpt = Annotated[int | None, typer.Option("--top-k", min=1, help="Sample among the k most likely tokens.")]
 TopPOpt = Annotated[float | None, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")]
+DtypeOpt = Annotated[str, typer.Option(
+    help="Weights and KV cache: auto (fp32 on CPU; on a GPU the checkpoint's 16-bit precision, else bf16), "
+         "fp32, bf16 or fp16."
+)]
 
 
 @app.command()
@@ -324,13 +328,14 @@ def generate(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     stop: Annotated[list[str] | None, typer.Option(help="Stop once the text contains this (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print tokens, text and finish reason as JSON.")] = False,
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Generate text from a GPT checkpoint in this process (KV cache; the reference for `ember serve`)."""
     from ember.generation.sampling import SamplingParams
     from ember.serve.generate import generate as run_generate
 
     params = SamplingParams(0.0 if greedy else temperature, top_k, top_p, seed)
-    result = run_generate(path, prompt, max_tokens, params, stop)
+    result = run_generate(path, prompt, max_tokens, params, stop, dtype)
     if as_json:
         print(json.dumps({"tokens": result.tokens, "text": result.text, "finish_reason": result.finish_reason}))
     else:
@@ -370,14 +375,18 @@ def serve_(
     max_waiting: Annotated[
         int | None, typer.Option(min=1, help="Sequences that may wait for a slot; past it, 503 (default 4 x batch).")
     ] = None,
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Serve a checkpoint over HTTP, OpenAI-compatible: /v1/completions, /v1/chat/completions (EP ranks, continuous
     batching), /v1/images, /v1/models, /health, /metrics."""
+    from ember.generation.precision import CHOICES
     from ember.serve.app import ServeOptions, run_server
     from ember.serve.chat import ChatTemplate
 
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device {device}: use auto, cpu or cuda")
+    if dtype not in CHOICES:
+        raise UserError(f"--dtype {dtype}: use one of {', '.join(CHOICES)}")
     token = _read_token(token_file) if token_file is not None else None
     if host not in ("127.0.0.1", "localhost", "::1") and token is None:
         raise UserError(
@@ -388,7 +397,7 @@ def serve_(
     options = ServeOptions(str(path), ep, replicas, host, port, token, max_batch=max_batch, max_waiting=max_waiting,
                            kv_cache_mb=kv_cache_mb,
                            max_tokens_limit=max_tokens, rank_cpus=cpus_per_rank, served_model_name=served_model_name,
-                           chat_template=template, spread_ranks=spread_ranks)  # fmt: skip
+                           chat_template=template, spread_ranks=spread_ranks, dtype=dtype)  # fmt: skip
     run_server(options, address, device, lambda line: console.print(line, markup=False, soft_wrap=True))
 
 

@@ -85,6 +85,11 @@ def test_the_kv_budget_counts_what_a_sequence_allocates_and_admission_keeps_to_i
     assert sequences_per_rank(model.spec, 2.5 * allocated / MIB, max_batch=64) == 2
     with pytest.raises(UserError, match="--kv-cache-mb"):
         sequences_per_rank(model.spec, 0.5 * allocated / MIB, max_batch=64)
+    half = DecodeRunner(tiny_gpt().to(torch.bfloat16))  # `--dtype bf16`: the cache is kept in the weights' dtype
+    half.step(StepPlan(admit=[Admit(0, [1, 2, 3], SamplingParams(temperature=0))]))
+    halved = sum(t.numel() * t.element_size() for t in [*half.live[0].cache.keys, *half.live[0].cache.values])
+    assert kv_bytes_per_sequence(model.spec, element_size=2) == halved == allocated // 2
+    assert sequences_per_rank(model.spec, 2.5 * allocated / MIB, max_batch=64, element_size=2) == 5
 
     held = []
 
@@ -139,3 +144,25 @@ def test_without_a_budget_ranks_sharing_a_host_split_half_its_free_memory_and_th
              {"memory_pool": "node-b/cpu", "free_memory_bytes": 12 * MIB}]  # fmt: skip
     assert default_kv_cache_mb(ranks) == DEFAULT_KV_FRACTION * 8 / 2  # node a's two ranks share its 8 MiB
     assert default_kv_cache_mb(ranks[2:]) == DEFAULT_KV_FRACTION * 12
+
+
+def test_auto_precision_is_fp32_on_cpu_and_16_bit_on_a_gpu() -> None:
+    from ember.generation.precision import generation_dtype
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)  # a device name only: nothing runs on it
+    assert generation_dtype("auto", cpu, trained="bf16") == torch.float32
+    assert generation_dtype("auto", gpu, trained="fp32") == torch.bfloat16
+    assert generation_dtype("auto", gpu, trained="fp16") == torch.float16  # the checkpoint's own 16 bits
+    assert generation_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(UserError, match="--dtype fp8"):
+        generation_dtype("fp8", cpu)
+
+
+def test_bf16_generation_stays_close_to_fp32() -> None:
+    """The same checkpoint in bf16 (weights and KV cache) scores the next token like fp32 does."""
+    model = tiny_gpt()
+    tokens = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        exact = model(tokens).logits.log_softmax(-1)
+        half = model.to(torch.bfloat16)(tokens).logits.float().log_softmax(-1)
+    assert (half - exact).abs().max() < 0.1

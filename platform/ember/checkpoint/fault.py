@@ -25,7 +25,7 @@ SAVE_POINTS = (
     "before_rank_files", "after_rank_files", "after_report", "after_manifest", "mid_replace", "after_rename",
     "mid_retention",
 )
-POINTS = (*SAVE_POINTS, "step_end")
+POINTS = (*SAVE_POINTS, "step_end", "serve_step")  # serve_step: a serving rank, before a decode step
 
 
 @dataclass(frozen=True)

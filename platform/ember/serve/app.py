@@ -25,6 +25,7 @@ from typing import Any
 from ember.checkpoint.readers import read_checkpoint_spec
 from ember.data.tokenizer import checkpoint_tokenizer
 from ember.errors import UserError
+from ember.generation.precision import DTYPES
 from ember.generation.sampling import SamplingParams
 from ember.serve.batching import StepLoop
 from ember.serve.chat import ChatTemplate
@@ -59,6 +60,7 @@ class ServeOptions:
     replica_cpus: float = 0.25
     rank_cpus: float = 0.5
     use_gpu: bool = False
+    dtype: str = "auto"  # weights and KV cache: generation/precision.py (auto: fp32 on CPU, 16-bit on a GPU)
     spread_ranks: bool = False  # one EP rank per Ray node (STRICT_SPREAD) instead of packed where they fit
     verified: bool = False  # the checkpoint folder was resolved and its checksums checked (check_options)
     deployment_id: str = ""  # names this deployment's StartCounter (set by build_app)
@@ -103,6 +105,7 @@ def start_counter(options: ServeOptions):
 class EmberServer:
     async def __init__(self, options: ServeOptions) -> None:
         self.options, self.model_name, self.counts = options, options.model_name, RequestCounts()
+        self.health_checks = 0
         self.starts = start_counter(options)
         await self.starts.started.remote()
         checkpoint, _, spec = read_checkpoint_spec(Path(options.checkpoint), verify=False)  # check_options did
@@ -111,12 +114,17 @@ class EmberServer:
         if self.family == "gpt":
             self.seq_len, self.vocab_size = spec.model.seq_len, spec.model.vocab_size
             self.max_tokens_limit = options.max_tokens_limit or self.seq_len
-            self.group = await ShardGroup.start(str(checkpoint), options.ep_size, options.rank_cpus, options.use_gpu)
+            self.group = await ShardGroup.start(
+                str(checkpoint), options.ep_size, options.rank_cpus, options.use_gpu, options.dtype
+            )
+            element_size = DTYPES[self.group.descriptions[0]["dtype"]].itemsize
             self.tokenizer = checkpoint_tokenizer(checkpoint, spec)
             self.max_sequences = options.max_waiting or 4 * options.max_batch
             self.kv_cache_mb = options.kv_cache_mb or default_kv_cache_mb(self.group.descriptions)
-            per_rank = sequences_per_rank(spec.model, self.kv_cache_mb, options.max_batch)
-            self.kv_bytes = kv_bytes_per_sequence(spec.model)
+            self.sequences_per_rank = per_rank = sequences_per_rank(
+                spec.model, self.kv_cache_mb, options.max_batch, element_size
+            )
+            self.kv_bytes = kv_bytes_per_sequence(spec.model, element_size)
             self.step_loop = StepLoop(
                 self.group.step, options.ep_size, self.seq_len, options.max_batch, self.max_sequences, per_rank,
                 self.tokenizer,
@@ -136,6 +144,7 @@ class EmberServer:
         info = {"id": self.options.name, "family": self.family, "checkpoint": self.checkpoint}
         if self.step_loop is not None:
             info.update(ep_size=self.options.ep_size, context_length=self.seq_len, steps=self.step_loop.steps,
+                        kv_cache_mb=self.kv_cache_mb, sequences_per_rank=self.sequences_per_rank,
                         ranks=self.group.descriptions)  # fmt: skip
         return info
 
@@ -164,7 +173,10 @@ class EmberServer:
 
     async def metrics(self) -> str:
         restarts = max(0, await self.starts.count.remote() - self.options.replicas)
-        gauges = {"ember_replica_restarts_total": ("counter", "Replica starts beyond the first of each.", restarts)}
+        gauges = {
+            "ember_replica_restarts_total": ("counter", "Replica starts beyond the first of each.", restarts),
+            "ember_health_checks_total": ("counter", "Health checks this replica passed.", self.health_checks),
+        }
         if self.step_loop is not None:
             loop = self.step_loop
             gauges.update({
@@ -192,6 +204,7 @@ class EmberServer:
             raise RuntimeError(problem)
         if self.step_loop is not None:
             await self.group.ping(HEALTH_PING_TIMEOUT_S)
+        self.health_checks += 1
 
 
 def check_options(options: ServeOptions) -> ServeOptions:
@@ -200,7 +213,8 @@ def check_options(options: ServeOptions) -> ServeOptions:
     if spec.model.family == "gpt":
         serving_spec(spec, options.ep_size)  # refuses an EP size that does not divide the experts
         refuse_expert_choice(spec.model)
-        sequences_per_rank(spec.model, options.kv_cache_mb, options.max_batch)  # refuses a budget holding none
+        size = DTYPES[options.dtype].itemsize if options.dtype in DTYPES else 4  # auto: fp32 until a rank says
+        sequences_per_rank(spec.model, options.kv_cache_mb, options.max_batch, size)  # refuses a budget holding none
     elif options.ep_size != 1:
         raise UserError(f"--ep {options.ep_size}: a {spec.model.family} model is served by one process; use --ep 1")
     if options.chat_template is not None:

@@ -22,7 +22,9 @@ import torch
 import torch.distributed as dist
 
 import ray
+from ember.checkpoint.fault import fault_point
 from ember.generation.decode import DecodeRunner, Picked, StepPlan
+from ember.generation.precision import dtype_name, generation_dtype
 from ember.serve.memory import free_memory_bytes
 from ember.world import World, backend_for, resolve_device
 
@@ -33,12 +35,13 @@ START_TIMEOUT_S = 300.0
 class ExpertShard:
     """One serving rank (a Ray actor)."""
 
-    def __init__(self, checkpoint: str, rank: int, world_size: int, threads: int = 1) -> None:
+    def __init__(self, checkpoint: str, rank: int, world_size: int, dtype: str = "auto", threads: int = 1) -> None:
         torch.set_num_threads(threads)
-        self.checkpoint, self.rank, self.world_size = checkpoint, rank, world_size
+        self.checkpoint, self.rank, self.world_size, self.dtype_choice = checkpoint, rank, world_size, dtype
         self.device = resolve_device("auto")
         self.store: dist.TCPStore | None = None
         self.runner: DecodeRunner | None = None
+        self.steps = 0
 
     def open_store(self) -> tuple[str, int]:
         """Rank 0: a TCPStore on a free port of this node; returns (host, port) for the others."""
@@ -57,7 +60,8 @@ class ExpertShard:
             dist.init_process_group(
                 backend, store=store, rank=self.rank, world_size=self.world_size, timeout=GROUP_TIMEOUT
             )
-        model, _ = load_rank_model(self.checkpoint, self.world_size, self.rank, verify=False)  # verified once
+        model, spec = load_rank_model(self.checkpoint, self.world_size, self.rank, verify=False)  # verified once
+        model.to(generation_dtype(self.dtype_choice, self.device, spec.engine.precision))  # weights, so KV cache
         if self.world_size > 1:
             world = World(self.rank, self.world_size, 0, self.device, backend_for(self.device), self.world_size)
             attach_expert_groups(model, world)  # every serving rank is one EP rank
@@ -65,6 +69,8 @@ class ExpertShard:
         return self.describe()
 
     def step(self, plan: StepPlan) -> dict[int, Picked]:
+        self.steps += 1
+        fault_point("serve_step", self.rank, self.steps)  # tests hold a step here as long as they need
         return self.runner.step(plan)
 
     def describe(self) -> dict[str, Any]:
@@ -85,6 +91,7 @@ class ExpertShard:
             "expert_parameters": sum(p.numel() for p in params if is_expert_parameter(p)),
             "dense_parameters": sum(p.numel() for p in params if not is_expert_parameter(p)),
             "device": str(self.device),
+            "dtype": dtype_name(next(model.parameters()).dtype),
             "free_memory_bytes": free_memory_bytes(self.device),  # after the weights: the KV-cache default's base
             "memory_pool": f"{ray.get_runtime_context().get_node_id()}/{self.device}",
             "host": socket.gethostname(),
@@ -104,7 +111,8 @@ class ShardGroup:
         self.actors, self.descriptions = actors, descriptions
 
     @classmethod
-    async def start(cls, checkpoint: str, world_size: int, bundle_cpus: float, use_gpu: bool) -> ShardGroup:
+    async def start(cls, checkpoint: str, world_size: int, bundle_cpus: float, use_gpu: bool,
+                    dtype: str = "auto") -> ShardGroup:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         group = ray.util.get_current_placement_group()
@@ -113,7 +121,7 @@ class ShardGroup:
         for rank in range(world_size):
             placement = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank)
             options = {"num_cpus": bundle_cpus, "num_gpus": 1 if use_gpu else 0, "scheduling_strategy": placement}
-            actors.append(remote.options(**options).remote(checkpoint, rank, world_size))
+            actors.append(remote.options(**options).remote(checkpoint, rank, world_size, dtype))
         host, port = await actors[0].open_store.remote()
         joins = [actor.join.remote(host, port) for actor in actors]  # concurrently: init_process_group blocks
         descriptions = await asyncio.wait_for(asyncio.gather(*joins), START_TIMEOUT_S)

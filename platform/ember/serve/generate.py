@@ -5,10 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ember.checkpoint.readers import read_checkpoint_spec
 from ember.data.tokenizer import checkpoint_tokenizer
 from ember.errors import UserError
 from ember.generation.decode import Admit, DecodeRunner, StepPlan, encode_prompt, finish_reason
+from ember.generation.precision import generation_dtype
 from ember.generation.sampling import SamplingParams
 from ember.serve.weights import load_rank_model
 
@@ -21,10 +24,13 @@ class Completion:
 
 
 def generate(
-    path: Path, prompt: str, max_tokens: int, params: SamplingParams, stop: list[str] | None = None
+    path: Path, prompt: str, max_tokens: int, params: SamplingParams, stop: list[str] | None = None,
+    dtype: str = "auto",
 ) -> Completion:
+    """On this process's CPU, in `dtype` (generation/precision.py), as a serving rank with the same dtype runs."""
     checkpoint, _, _ = read_checkpoint_spec(path)  # verified once, here
     model, spec = load_rank_model(checkpoint, verify=False)
+    model.to(generation_dtype(dtype, torch.device("cpu"), spec.engine.precision))
     tokenizer = checkpoint_tokenizer(checkpoint, spec)
     prompt_tokens = encode_prompt(prompt, tokenizer)
     check_prompt_fits(len(prompt_tokens), model.spec.seq_len)

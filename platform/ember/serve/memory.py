@@ -48,13 +48,13 @@ def kv_bytes_per_sequence(model: GPTSpec, element_size: int = 4) -> int:
     return 2 * model.n_layers * model.seq_len * model.d_model * element_size
 
 
-def sequences_per_rank(model: GPTSpec, kv_cache_mb: float | None, max_batch: int) -> int | None:
+def sequences_per_rank(model: GPTSpec, kv_cache_mb: float | None, max_batch: int, element_size: int = 4) -> int | None:
     """None without a budget; otherwise how many sequences one rank's budget holds (UserError if none)."""
     if kv_cache_mb is None:
         return None
-    each = kv_bytes_per_sequence(model)
+    each = kv_bytes_per_sequence(model, element_size)
     fits = int(kv_cache_mb * MIB) // each
     if fits < 1:
-        shape = f"2 x {model.n_layers} layers x {model.seq_len} positions x {model.d_model} x fp32"
+        shape = f"2 x {model.n_layers} layers x {model.seq_len} positions x {model.d_model} x {element_size} bytes"
         raise UserError(f"--kv-cache-mb {kv_cache_mb}: holds no sequence; each needs {each / MIB:.3f} MiB ({shape})")
     return min(fits, max_batch)
