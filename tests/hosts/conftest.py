@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,9 @@ import pytest
 from tests.hosts.harness import Host, HostCluster, HostsUnavailable, check_namespaces_available
 
 REPO = Path(__file__).resolve().parents[2]
+# Every worker host's rank can pause at the end of this step (EMBER_FAULT in the host's environment, which Ray's
+# workers inherit); a test arms it. Jobs that checkpoint every 20 steps have then committed step 20, and only it.
+PAUSE_STEP = 25
 
 
 def unavailable(what: str, reason: Exception) -> None:
@@ -73,12 +77,37 @@ class RayHosts:
         return host.run([sys.executable, "-m", "ember.cli", *args], env=env, cwd=str(REPO), timeout=timeout)
 
     def join(self, host: Host) -> None:
-        """Hands the head's token to `host` the way a person would (a copy of the file), then joins."""
+        """Hands the head's token to `host` the way a person would (a copy of the file), then joins. The host's
+        Ray starts with its pause at PAUSE_STEP disarmed (its once-file exists): `arm_pause` arms it."""
         copy = host.outside("/tmp/auth_token")
         copy.write_text(self.token)
-        joined = self.ember(host, "up", "--join", self.gcs, "--num-cpus", "1", "--token-file", "/tmp/auth_token")
+        marker = self.pause_marker(host)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        fault = {"EMBER_FAULT": f"step_end:*:{PAUSE_STEP}:pause@{marker}"}
+        joined = self.ember(host, "up", "--join", self.gcs, "--num-cpus", "1", "--token-file", "/tmp/auth_token",
+                            env=fault)
         assert joined.returncode == 0, joined.stdout + joined.stderr
         self.workers.append(host)
+
+    def pause_marker(self, host: Host) -> Path:
+        return self.hosts.shared_dir / "faults" / host.name
+
+    def arm_pause(self, host: Host) -> Path:
+        """The next job's rank on `host` stops at the end of step PAUSE_STEP, writes its PID to `<marker>.paused`
+        and waits (checkpoint/fault.py). It fires once: a worker started after it does not pause again."""
+        marker = self.pause_marker(host)
+        marker.unlink()
+        return Path(f"{marker}.paused")
+
+
+def wait_for(path: Path, timeout: float = 300) -> Path:
+    """Waits for a file that marks a named point of a job (a pause, a commit)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout:.0f} s"
+        time.sleep(0.05)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -98,3 +127,23 @@ def ray_hosts(host_cluster: HostCluster) -> Iterator[RayHosts]:
 def shared_shards(host_cluster: HostCluster, text_shards: Path) -> Path:
     """The session's text shards copied onto the cluster's shared folder."""
     return Path(shutil.copytree(text_shards, host_cluster.shared_dir / "shards"))
+
+
+@contextlib.contextmanager
+def shards_over_http(host: Host, shards: Path, port: int = 8000) -> Iterator[tuple[str, Path]]:
+    """A plain `python -m http.server` on `host` at its own IP, serving a copy of `shards` kept in the host's
+    private /tmp, which no other host sees. Yields the base URL and the server's request log."""
+    folder, log = "/tmp/http-shards", host.outside("/tmp/http-shards.log")
+    shutil.copytree(shards, host.outside(folder))
+    argv = [sys.executable, "-u", "-m", "http.server", str(port), "--bind", host.ip, "--directory", folder]
+    with open(log, "w") as output:
+        server = host.popen(argv, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "Serving HTTP" not in log.read_text():
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        yield f"http://{host.ip}:{port}", log
+    finally:
+        server.kill()
+        server.wait()
