@@ -17,12 +17,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import shard_overrides
 from tests.hosts.harness import Host, HostCluster, HostsUnavailable, check_namespaces_available
 
 REPO = Path(__file__).resolve().parents[2]
 # Every worker host's rank can pause at the end of this step (EMBER_FAULT in the host's environment, which Ray's
 # workers inherit); a test arms it. Jobs that checkpoint every 20 steps have then committed step 20, and only it.
 PAUSE_STEP = 25
+# The tiny-moe job of the resume tests: faults come while a worker host's rank is paused at the end of PAUSE_STEP,
+# after the commit of step EVERY and before the next
+STEPS, EVERY = 40, 20
+assert EVERY < PAUSE_STEP < 2 * EVERY
 
 
 def unavailable(what: str, reason: Exception) -> None:
@@ -110,17 +115,49 @@ def wait_for(path: Path, timeout: float = 300) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def ray_hosts(host_cluster: HostCluster) -> Iterator[RayHosts]:
-    """One CPU per host, so a 2-worker job puts one rank on each. Started once: each Ray start costs ~20 s."""
-    head = host_cluster.hosts["host1"]
+def submit_from_laptop(ray_hosts: RayHosts, *args: str):
+    laptop = ray_hosts.hosts.hosts["laptop"]
+    return ray_hosts.ember(laptop, "submit", "jobs/debug/tiny-moe.yaml", "--address", ray_hosts.dashboard, *args,
+                           env={"RAY_AUTH_TOKEN": ray_hosts.token})
+
+
+def follow_from_laptop(ray_hosts: RayHosts, job: str) -> tuple[str, str]:
+    """`ember logs --follow` until the job ends, then its status: both from the laptop."""
+    laptop, env = ray_hosts.hosts.hosts["laptop"], {"RAY_AUTH_TOKEN": ray_hosts.token}
+    logs = ray_hosts.ember(laptop, "logs", job, "--follow", "--address", ray_hosts.dashboard, env=env, timeout=400)
+    assert logs.returncode == 0, logs.stderr[-3000:]
+    status = ray_hosts.ember(laptop, "status", job, "--address", ray_hosts.dashboard, env=env)
+    return logs.stdout, status.stdout.strip()
+
+
+def submit_job(ray_hosts: RayHosts, run_dir: Path, shards: Path | str) -> str:
+    """The tiny-moe job every resume here is compared with (only run_dir and where its shards are differ),
+    submitted from the laptop. The shard order depends on the shard count and seed, not on the URLs."""
+    sets = [f"run_dir={run_dir}", *shard_overrides(shards), "logging.sample_tokens=0", f"schedule.steps={STEPS}",
+            "schedule.eval_every=1000", f"checkpoint.every_n_steps={EVERY}", "cluster.max_failures=3"]
+    shared = ["--shared", str(ray_hosts.hosts.shared_dir)]
+    submitted = submit_from_laptop(ray_hosts, *shared, *[p for s in sets for p in ("--set", s)])
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    return submitted.stdout.split("submitted ")[1].split()[0]
+
+
+def start_ray_hosts(hosts: HostCluster) -> RayHosts:
+    """`ember up` on host1 at its own IP, host2 joined with the token; one CPU per host, so a 2-worker job puts
+    one rank on each. The hosts' teardown kills every process of every host."""
+    head = hosts.hosts["host1"]
     started = head.run([sys.executable, "-m", "ember.cli", "up", "--ip", head.ip, "--num-cpus", "1"], cwd=str(REPO),
                        timeout=300)
     assert started.returncode == 0, started.stdout + started.stderr
     token = head.outside(f"{head.home}/.ray/auth_token").read_text().strip()
-    cluster = RayHosts(host_cluster, started.stdout, f"{head.ip}:6379", f"http://{head.ip}:8265", token, [])
-    cluster.join(host_cluster.hosts["host2"])
-    yield cluster  # the hosts' teardown kills every process of every host
+    cluster = RayHosts(hosts, started.stdout, f"{head.ip}:6379", f"http://{head.ip}:8265", token, [])
+    cluster.join(hosts.hosts["host2"])
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def ray_hosts(host_cluster: HostCluster) -> RayHosts:
+    """Started once: each Ray start costs ~20 s."""
+    return start_ray_hosts(host_cluster)
 
 
 @pytest.fixture(scope="session")

@@ -12,13 +12,19 @@ import pytest
 
 from tests.conftest import shard_overrides
 from tests.helpers.runs import assert_bitwise_equal, events, final_weights
-from tests.hosts.conftest import PAUSE_STEP, RayHosts, shards_over_http, wait_for
+from tests.hosts.conftest import (
+    EVERY,
+    STEPS,
+    RayHosts,
+    follow_from_laptop,
+    shards_over_http,
+    submit_from_laptop,
+    submit_job,
+    wait_for,
+)
 from tests.hosts.harness import kill_all
 
 pytestmark = pytest.mark.hosts
-# Faults come while a worker host's rank is paused at the end of PAUSE_STEP, after the commit of step EVERY
-STEPS, EVERY = 40, 20
-assert EVERY < PAUSE_STEP < 2 * EVERY
 
 # Run on host1 with the token: every alive node's IP, and the hostname a task pinned to host2's node sees.
 WHERE_TASKS_RUN = """
@@ -54,21 +60,6 @@ def test_a_host_without_the_token_is_refused(ray_hosts: RayHosts) -> None:
     assert not laptop.outside(f"{laptop.home}/.ray/auth_token").exists()  # no token was made up
 
 
-def submit_from_laptop(ray_hosts: RayHosts, *args: str):
-    laptop = ray_hosts.hosts.hosts["laptop"]
-    return ray_hosts.ember(laptop, "submit", "jobs/debug/tiny-moe.yaml", "--address", ray_hosts.dashboard, *args,
-                           env={"RAY_AUTH_TOKEN": ray_hosts.token})
-
-
-def follow_from_laptop(ray_hosts: RayHosts, job: str) -> tuple[str, str]:
-    """`ember logs --follow` until the job ends, then its status: both from the laptop."""
-    laptop, env = ray_hosts.hosts.hosts["laptop"], {"RAY_AUTH_TOKEN": ray_hosts.token}
-    logs = ray_hosts.ember(laptop, "logs", job, "--follow", "--address", ray_hosts.dashboard, env=env, timeout=400)
-    assert logs.returncode == 0, logs.stderr[-3000:]
-    status = ray_hosts.ember(laptop, "status", job, "--address", ray_hosts.dashboard, env=env)
-    return logs.stdout, status.stdout.strip()
-
-
 def test_submit_from_a_laptop_refuses_paths_the_cluster_cannot_see(ray_hosts: RayHosts) -> None:
     refused = submit_from_laptop(ray_hosts)  # the spec's own shards and the default run_dir: this laptop's
     assert refused.returncode == 2, refused.stdout + refused.stderr
@@ -92,17 +83,6 @@ def test_a_run_dir_that_is_not_shared_storage_fails_fast(ray_hosts: RayHosts, sh
 def committed(run_dir: Path) -> list[int]:
     """Steps of committed checkpoints: the manifest is written last, its presence is the commit."""
     return sorted(int(path.parent.name.split("_")[1]) for path in run_dir.glob("checkpoints/step_*/manifest.json"))
-
-
-def submit_job(ray_hosts: RayHosts, run_dir: Path, shards: Path | str) -> str:
-    """The tiny-moe job every resume here is compared with (only run_dir and where its shards are differ),
-    submitted from the laptop. The shard order depends on the shard count and seed, not on the URLs."""
-    sets = [f"run_dir={run_dir}", *shard_overrides(shards), "logging.sample_tokens=0", f"schedule.steps={STEPS}",
-            "schedule.eval_every=1000", f"checkpoint.every_n_steps={EVERY}", "cluster.max_failures=3"]
-    shared = ["--shared", str(ray_hosts.hosts.shared_dir)]
-    submitted = submit_from_laptop(ray_hosts, *shared, *[p for s in sets for p in ("--set", s)])
-    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    return submitted.stdout.split("submitted ")[1].split()[0]
 
 
 @pytest.fixture(scope="module")
