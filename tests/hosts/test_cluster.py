@@ -140,8 +140,9 @@ def test_shards_served_over_http_from_host1_resume_exactly_after_a_kill(ray_host
         wait_for(run_dir / "checkpoints" / f"step_{EVERY:06d}" / "manifest.json")
         kill_all([pid])
         logs, status = follow_from_laptop(ray_hosts, job)
-        readers = {line.split()[0] for line in requests.read_text().splitlines() if '"GET /train-' in line}
+        served = requests.read_text().splitlines()
     assert status == "SUCCEEDED", logs[-4000:]
-    assert readers == {host1.ip, worker.ip}
+    assert {line.split()[0] for line in served if '"GET /train-' in line} == {host1.ip, worker.ip}
+    assert any('"GET /shards.json ' in line for line in served)  # the sha256s the cursor pins the shards by
     assert resumed_steps(run_dir) == [EVERY], events(run_dir)
     assert_bitwise_equal(final_weights(run_dir, tmp_path), uninterrupted)
