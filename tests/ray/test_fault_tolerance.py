@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from ember.errors import RESUMABLE_EXIT_CODE
 from tests.conftest import shard_overrides
+from tests.helpers.runs import assert_bitwise_equal, final_weights
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
@@ -36,18 +36,6 @@ def command(run_dir: Path, shards: Path, *overrides: str) -> list[str]:
              "logging.sample_tokens=0", *overrides]
     spec = str(REPO / "jobs" / "debug" / "tiny-moe.yaml")
     return [sys.executable, "-m", "ember.cli", "run", spec, *[p for item in items for p in ("--set", item)]]
-
-
-def final_weights(run_dir: Path, tmp_path: Path) -> dict:
-    out = tmp_path / f"{run_dir.name}.safetensors"
-    subprocess.run([sys.executable, "-m", "ember.cli", "ckpt", "export", str(run_dir), "--out", str(out)], check=True)
-    return load_file(str(out))
-
-
-def assert_bitwise_equal(left: dict, right: dict) -> None:
-    assert left.keys() == right.keys()
-    different = [name for name in left if not left[name].equal(right[name])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
 def with_fault(fault: str) -> dict[str, str]:
