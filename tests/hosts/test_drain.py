@@ -19,6 +19,15 @@ pytestmark = pytest.mark.hosts
 PAUSE_STEP, STEPS = 10, 30
 POLL_S = 2.0  # ember.train.preemption.DRAIN_POLL_S: the loop asks the GCS at most this often
 
+# Run on the head: wait until the GCS has marked the node at sys.argv[2] dead (its health checks take ~30 s).
+WAIT_NODE_DEAD = """
+import sys, time
+import ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+while any(n["Alive"] and n["NodeManagerAddress"] == sys.argv[2] for n in ray.nodes()):
+    time.sleep(0.5)
+"""
+
 
 def wait_for(condition, what: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
@@ -48,9 +57,14 @@ def join_blocking(ray_hosts: RayHosts, name: str, fault: str) -> tuple[subproces
 def test_sigterm_to_a_worker_hosts_ember_up_checkpoints_the_job_and_it_resumes_on_a_fresh_host(
         ray_hosts: RayHosts, shared_shards) -> None:
     hosts, shared = ray_hosts.hosts, ray_hosts.hosts.shared_dir
-    hosts.remove_host(ray_hosts.workers.pop().name)  # the head's one CPU and the spot host's: one rank on each
+    lost = ray_hosts.workers.pop()
+    hosts.remove_host(lost.name)  # the head's one CPU and the spot host's: one rank on each
     marker = shared / "drain-pause"
     spot, said = join_blocking(ray_hosts, "spot", f"step_end:*:{PAUSE_STEP}:pause@{marker}")
+    head = hosts.hosts["host1"]
+    gone = head.run([sys.executable, "-c", WAIT_NODE_DEAD, ray_hosts.gcs, lost.ip], env={"RAY_AUTH_MODE": "token"},
+                    timeout=180)
+    assert gone.returncode == 0, gone.stderr[-3000:]
     run_dir = shared / "runs/drained"
     sets = [f"run_dir={run_dir}", *shard_overrides(shared_shards), "logging.sample_tokens=0", f"schedule.steps={STEPS}",
             "schedule.eval_every=1000", "checkpoint.every_n_steps=20", "cluster.max_failures=3"]
