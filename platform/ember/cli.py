@@ -424,6 +424,10 @@ def up(
     ip: Annotated[str | None, typer.Option(help="This node's address (head default 127.0.0.1; a worker's: the "
                                                  "one that reaches the head).")] = None,
     name: Annotated[str, typer.Option(help="Name of this ember-started cluster node.")] = "local",
+    block: Annotated[bool, typer.Option("--block", help="Stay in the foreground (Slurm, KubeRay, systemd): "
+                                        "SIGTERM then drains this node, so training checkpoints first.")] = False,
+    grace: Annotated[int, typer.Option("--grace", min=0, help="With --block: seconds a SIGTERM leaves running "
+                                       "jobs to checkpoint before this node's Ray is stopped.")] = 60,
 ) -> None:
     """Start a Ray head (or a worker with --join), token auth on; the head prints how another host joins."""
     from ember.cluster.local import UpOptions, join_instructions
@@ -437,6 +441,17 @@ def up(
                   soft_wrap=True)
     if cluster.role == "head":
         console.print(join_instructions(cluster), markup=False, soft_wrap=True)
+    if block:
+        _block(cluster, name, grace)
+
+
+def _block(cluster, name: str, grace: int) -> None:
+    from ember.cluster.drain import supervise
+
+    console.print(f"blocking; SIGTERM drains this node (grace {grace} s), then stops its Ray", markup=False)
+    code = supervise(cluster, grace, lambda line: console.print(line, markup=False, soft_wrap=True))
+    (STATE_DIR / f"{name}.json").unlink(missing_ok=True)  # its Ray is gone: `ember up` may start it again
+    raise typer.Exit(code)
 
 
 @app.command()

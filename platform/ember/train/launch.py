@@ -28,7 +28,7 @@ from ember.observe.progress import ProgressView
 from ember.spec import JobSpec
 from ember.spec.paths import is_under
 from ember.train.loop import train_worker
-from ember.train.preemption import SIGNALS, request_preemption
+from ember.train.preemption import NODE_DRAINING, REQUEST_FILE, SIGNALS, request_preemption
 from ember.train.retry import Decision, Failure, decide, failure_kind
 
 
@@ -59,7 +59,7 @@ def run_job(spec: JobSpec, verbose: bool = False, console: Console | None = None
         queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         with forward_preemption_signals(run_dir), ProgressView(console) as view:
             metrics = fit_with_retries(lambda: build_trainer(spec, run_dir, queue), queue, view,
-                                       spec.cluster.max_failures)
+                                       spec.cluster.max_failures, run_dir)
     if spec.logging.tensorboard:
         console.print(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}", markup=False, soft_wrap=True)
     return RunResult(run_dir, metrics)
@@ -215,12 +215,18 @@ def _cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def fit_with_retries(make_trainer: Callable[[], Any], queue: Any, view: ProgressView, max_failures: int) -> dict:
+def fit_with_retries(make_trainer: Callable[[], Any], queue: Any, view: ProgressView, max_failures: int,
+                     run_dir: Path) -> dict:
     """One fit per attempt, each of a fresh worker group that resumes from the newest committed checkpoint;
-    retry.decide says whether a failed attempt is tried again (never for a user's mistake)."""
+    retry.decide says whether a failed attempt is tried again (never for a user's mistake). An attempt stopped
+    by a draining node is not a failure: the next one resumes on the nodes left (or added)."""
     history: list[Failure] = []
     while True:
         attempt = fit_with_progress(make_trainer(), queue, view)
+        if attempt.error is None and drained_only(attempt.metrics, run_dir):
+            view.note(f"a node of the job is draining (preemption): checkpointed at step {attempt.metrics['step']}, "
+                      "resuming on the nodes left")
+            continue
         if attempt.error is None:
             return attempt.metrics
         failure = Failure(failure_kind(attempt.error), attempt.last_step)
@@ -229,6 +235,11 @@ def fit_with_retries(make_trainer: Callable[[], Any], queue: Any, view: Progress
         history.append(failure)
         view.note(f"attempt {len(history)} failed at step {failure.step} ({failure.kind}); restarting the workers "
                   f"({len(history)} of {'unlimited' if max_failures == -1 else max_failures} restarts)")
+
+
+def drained_only(metrics: dict[str, Any], run_dir: Path) -> bool:
+    """The workers stopped for a draining node, and this driver was not asked to stop itself meanwhile."""
+    return metrics.get("preempted_by") == NODE_DRAINING and not (run_dir / REQUEST_FILE).exists()
 
 
 @dataclass

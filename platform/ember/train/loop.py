@@ -28,7 +28,7 @@ from ember.observe.step_time import StepClock, peak_memory_gb
 from ember.observe.tensorboard import TensorBoardLogger
 from ember.spec import JobSpec
 from ember.train.objectives.base import build_objective
-from ember.train.preemption import PreemptionWatch
+from ember.train.preemption import NodeDrainWatch, PreemptionWatch, ray_node_drain_watch
 from ember.train.resume import check_spec_compatible
 from ember.world import ExpertPlacement, World, gather_hosts, world_from_env
 
@@ -41,7 +41,9 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(max(1, int(spec.cluster.cpus_per_worker)))
     run_dir = Path(config["run_dir"])
     reporter = Reporter(config.get("queue"), world.is_main, run_dir / "events.jsonl")
-    trainer = Trainer(spec, world, run_dir, reporter, report_to_ray=config.get("report_to_ray", False))
+    on_ray = config.get("report_to_ray", False)
+    drain = ray_node_drain_watch(world) if on_ray else None  # a draining node stops the job like a SIGTERM
+    trainer = Trainer(spec, world, run_dir, reporter, report_to_ray=on_ray, drain=drain)
     return trainer.fit()
 
 
@@ -70,7 +72,8 @@ def seed_everything(seed: int) -> None:
 
 class Trainer:
     def __init__(
-        self, spec: JobSpec, world: World, run_dir: Path, reporter: Reporter, report_to_ray: bool = False
+        self, spec: JobSpec, world: World, run_dir: Path, reporter: Reporter, report_to_ray: bool = False,
+        drain: NodeDrainWatch | None = None,
     ) -> None:
         self.spec, self.world, self.run_dir, self.reporter = spec, world, run_dir, reporter
         seed_everything(spec.schedule.seed)
@@ -79,7 +82,7 @@ class Trainer:
         self.objective = build_objective(spec, world, self.placement)
         self.train_stream = build_stream(spec.data, spec.model, spec.schedule.micro_batch, world.rank, world.world_size)
         self.batches = iter(self.train_stream)
-        self.preemption = PreemptionWatch(run_dir, world)
+        self.preemption = PreemptionWatch(run_dir, world, drain)
         self.preemption.clear_stale_request()
         self.checkpoints = self._checkpoint_manager(spec, world, run_dir)
         self.tensorboard = TensorBoardLogger(run_dir / "tensorboard", spec.logging.tensorboard and world.is_main)
@@ -147,10 +150,11 @@ class Trainer:
             if saved:
                 self.save()
             fault_point("step_end", self.world.rank, self.step)  # tests kill, pause or preempt a rank here
-            if self.step < total and self.preemption.should_stop():
+            stop = self.preemption.should_stop() if self.step < total else None
+            if stop is not None:
                 if not saved:
                     self.save()
-                return self.stop_preempted()
+                return self.stop_preempted(stop)
         self.checkpoints.wait()
         self.log_sample()
         self.tensorboard.close()
@@ -242,13 +246,14 @@ class Trainer:
         self.reporter.emit("checkpoint", step=self.step, path=str(saved.path), stall_s=saved.stall_s,
                            background=self.spec.checkpoint.async_save)
 
-    def stop_preempted(self) -> dict[str, Any]:
-        """Checkpoint committed; stop cleanly so the scheduler (or `ember run` again) resumes from it."""
+    def stop_preempted(self, reason: str) -> dict[str, Any]:
+        """Checkpoint committed; stop cleanly so the scheduler (or `ember run` again, or the driver's next attempt
+        when a node drains) resumes from it."""
         self.checkpoints.wait()
         self.world.barrier()
         self.tensorboard.close()
-        self.metrics.update(step=self.step, preempted=True)
-        self.reporter.emit("preempted", step=self.step)
+        self.metrics.update(step=self.step, preempted=True, preempted_by=reason)
+        self.reporter.emit("preempted", step=self.step, reason=reason)
         self.reporter.emit("done", metrics=self.metrics)
         return self.metrics
 
