@@ -63,7 +63,7 @@ class Server:
             try:
                 if requests.get(f"{self.url}/health", timeout=5).ok:
                     return
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or its proxy not answering yet
                 pass
             time.sleep(1)
         raise RuntimeError(f"{self.name} server not ready in {READY_TIMEOUT_S:.0f} s; see {self.log.name}")
