@@ -59,14 +59,18 @@ class Server:
     def wait_ready(self, deadline: float) -> None:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} server exited with {self.process.returncode}; see {self.log.name}")
+                raise RuntimeError(f"{self.name} server exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
                 if requests.get(f"{self.url}/health", timeout=5).ok:
                     return
             except requests.RequestException:  # not listening yet, or its proxy not answering yet
                 pass
             time.sleep(1)
-        raise RuntimeError(f"{self.name} server not ready in {READY_TIMEOUT_S:.0f} s; see {self.log.name}")
+        raise RuntimeError(f"{self.name} server not ready in {READY_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self) -> str:
+        self.log.flush()
+        return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-20:])
 
     def stop(self) -> None:
         """SIGINT (Ctrl-C: ember shuts Serve and its embedded Ray down), then the process group if it lingers."""
