@@ -29,9 +29,11 @@ TINY_MODEL = {"d_model": 32, "n_heads": 2, "n_layers": 2, "seq_len": SEQ}
 
 
 def tiny_moe_spec(ep_size: int, model: dict | None = None) -> dict:
+    fields = dict(model or TINY_MODEL)
+    moe = {"num_experts": 4, "ep_size": ep_size, "capacity_factor": 4.0, **fields.pop("moe", {})}
     return {
         "name": "serve-test",
-        "model": {**(model or TINY_MODEL), "moe": {"num_experts": 4, "ep_size": ep_size, "capacity_factor": 4.0}},
+        "model": {**fields, "moe": moe},
         "data": {"train": {"urls": "unused.tar"}},
         "engine": {"kind": "deepspeed", "zero_stage": 2},
         "optim": {"lr": 1e-2, "warmup_steps": 1},
@@ -61,6 +63,7 @@ def _train_and_save(rank: int, world_size: int, run_dir: str, ep_size: int, mode
 
 
 def write_moe_checkpoint(run_dir: Path, ep_size: int = 2, model: dict | None = None) -> Path:
-    """`model`: GPT fields (d_model, n_heads, n_layers, seq_len ...) instead of the tiny default; seq_len >= 32."""
+    """`model`: GPT fields (d_model, n_heads, n_layers, seq_len ...) instead of the tiny default; seq_len >= 32.
+    Its `moe` entries (top_k, every_n_layers ...) override the default 4 experts."""
     run_on_ranks(_train_and_save, 2, str(run_dir), ep_size, model)
     return run_dir
