@@ -1,5 +1,6 @@
 """Serving: `ember serve` vs `transformers serve` on the same exported model, tokens/s at 1 and 16 clients.
 
+    pip install -c constraints.txt -e '.[test,bench]'     # transformers serve needs accelerate
     python bench/serve_vs_hf.py [--requests 32] [--max-tokens 32] [--rounds 2] [--hf-threads 1]
 
 One Mixtral-style MoE checkpoint (rmsnorm, rope, SwiGLU experts, no bias, 4 experts top-2, every block MoE; d_model
