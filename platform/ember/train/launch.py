@@ -186,9 +186,16 @@ def forward_preemption_signals(run_dir: Path) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+# How often Ray Train's controller polls the worker group (Ray's default 2 s): the run's end, a worker's death and
+# each report wait for the next poll. Ray Train passes it from this driver's environment to its controller.
+CONTROLLER_POLL_S = "0.5"
+
+
 def build_trainer(spec: JobSpec, run_dir: Path, queue: Any):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", CONTROLLER_POLL_S)  # a user's own setting wins
 
     cluster = spec.cluster
     use_gpu = cluster.device == "cuda" or (cluster.device == "auto" and _cluster_has_gpus())

@@ -136,7 +136,6 @@ class Trainer:
                 stats |= self.log_step_time()
                 self.reporter.emit("log", step=self.step, total=total, **stats)
                 self.metrics.update(loss=stats["loss"], **{rate: stats[rate]})
-                self.report_metrics(stats)
                 self.log_skipped_samples()
                 self.log_routing()
                 window_start, window_steps = time.perf_counter(), 0
@@ -159,6 +158,7 @@ class Trainer:
         self.log_sample()
         self.tensorboard.close()
         self.metrics["step"] = self.step
+        self.report_to_ray_train()
         self.reporter.emit("done", metrics=self.metrics)
         return self.metrics
 
@@ -183,12 +183,16 @@ class Trainer:
         self.tensorboard.scalars(self.step, split, prefix="time/")
         return split
 
-    def report_metrics(self, stats: dict[str, float]) -> None:
-        """Every rank reports (Ray Train waits for all); Ray keeps rank 0's, for its dashboard and Result.metrics."""
+    def report_to_ray_train(self) -> None:
+        """The run's final metrics to Ray Train (its Result.metrics and dashboard), once, from every rank (Ray Train
+        waits for all). Not per log step: Ray Train's worker hands a report to a queue of one that its controller
+        empties when it polls (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a second report within one poll
+        blocks training until then (1-2 s per log step measured with the 2 s default). ember's progress, logs and
+        TensorBoard come from its own reporter, not from these reports."""
         if self.report_to_ray:
             import ray.train
 
-            ray.train.report({"step": self.step, **{k: v for k, v in stats.items() if isinstance(v, int | float)}})
+            ray.train.report({k: v for k, v in self.metrics.items() if isinstance(v, int | float)})
 
     @torch.no_grad()
     def evaluate(self) -> None:
@@ -253,6 +257,7 @@ class Trainer:
         self.world.barrier()
         self.tensorboard.close()
         self.metrics.update(step=self.step, preempted=True, preempted_by=reason)
+        self.report_to_ray_train()
         self.reporter.emit("preempted", step=self.step, reason=reason)
         self.reporter.emit("done", metrics=self.metrics)
         return self.metrics
