@@ -150,7 +150,11 @@ class Host:
         folder.mkdir(parents=True, exist_ok=True)
         ssh.mkdir(mode=0o700, parents=True, exist_ok=True)
         (ssh / "authorized_keys").write_text(authorized_key.strip() + "\n")
-        (ssh / "environment").write_text(f"PATH={path}\nRAY_USAGE_STATS_ENABLED=0\n")
+        (ssh / "environment").write_text(f"PATH={path}\nRAY_USAGE_STATS_ENABLED=0\n")  # `ssh host CMD`
+        # login shells (`bash --login`, as Ray's launcher runs commands) reset PATH in /etc/profile, then read these
+        bashrc = f"export PATH={path}\nexport RAY_USAGE_STATS_ENABLED=0\n"
+        (ssh.parent / ".bashrc").write_text(bashrc)
+        (ssh.parent / ".profile").write_text(". ~/.bashrc\n")
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "host_key")], check=True)
         (folder / "sshd_config").write_text("\n".join([
             f"ListenAddress {self.ip}", "Port 22", "HostKey /tmp/sshd/host_key", "PidFile /tmp/sshd/sshd.pid",

@@ -85,10 +85,17 @@ def launched(host_cluster: HostCluster) -> Iterator[LaunchedHosts]:
             host_cluster.remove_host(name)
 
 
-def active_nodes(launched: LaunchedHosts) -> int:
-    status = launched.ssh(launched.head, "ray status")
-    active = status.stdout.split("Active:")[-1].split("Pending:")[0] if "Active:" in status.stdout else ""
-    return sum("node_" in line for line in active.splitlines())
+def ray_status(launched: LaunchedHosts) -> str:
+    """`ray status` on the head, as its user would run it there (a client of a token cluster names the mode)."""
+    status = launched.ssh(launched.head, "RAY_AUTH_MODE=token ray status")
+    return status.stdout + status.stderr
+
+
+def active_nodes(status: str) -> int:
+    """Alive nodes in `ray status`: lines under "Active:" read "2 local.cluster.node" (the v1 autoscaler's count
+    per node type) or "1 node_<id>"."""
+    active = status.split("Active:")[-1].split("Pending:")[0] if "Active:" in status else ""
+    return sum(int(line.split()[0]) for line in active.splitlines() if line.split()[:1] and line.split()[0].isdigit())
 
 
 def test_ray_up_over_ssh_then_submit_then_ray_down(launched: LaunchedHosts, host_cluster: HostCluster,
@@ -102,14 +109,14 @@ def test_ray_up_over_ssh_then_submit_then_ray_down(launched: LaunchedHosts, host
     up = launched.on_laptop(["ray", "up", "--yes", "--no-config-cache", launched.config],
                             RAY_UP_enable_autoscaler_v2="0")
     assert up.returncode == 0, (up.stdout + up.stderr)[-6000:]
-    # the token reached both hosts through file_mounts: the head's Ray started with it, the worker joins with it
+    deadline = time.monotonic() + 400  # the head's autoscaler sets the worker up over SSH (rsync, pip, ray start)
+    while active_nodes(status := ray_status(launched)) < 2:
+        monitor = launched.ssh(launched.head, "tail -30 /tmp/ray/session_latest/logs/monitor.*").stdout
+        assert time.monotonic() < deadline, (status + monitor)[-6000:]
+        time.sleep(3)
+    # the token reached both hosts through file_mounts: the head's Ray started with it, the worker joined with it
     for host in (launched.head, launched.worker):
         assert launched.ssh(host, "cat ~/.ray/auth_token").stdout.strip() == token
-    deadline = time.monotonic() + 400  # the head's autoscaler sets the worker up over SSH (rsync, pip, ray start)
-    while active_nodes(launched) < 2:
-        assert time.monotonic() < deadline, launched.ssh(launched.head, "ray status; tail -40 "
-                                                          "/tmp/ray/session_latest/logs/monitor.*").stdout[-6000:]
-        time.sleep(3)
 
     shards = Path(shutil.copytree(text_shards, host_cluster.shared_dir / "ray-up-shards"))
     run_dir = host_cluster.shared_dir / "runs" / "ray-up"
