@@ -7,6 +7,12 @@ Python install, the worktree) is the machine's own: it stands for software insta
 Cluster hosts also see one shared folder at the same path (standing for NFS); a "laptop" host does not.
 /etc/hosts names every host, as DNS would.
 
+A login host (`add_host(..., login=True)`) is a machine one reaches over SSH: its own /etc/passwd (root's home is
+the host's /home/ember, so `ssh` and `sshd` find the host's own ~/.ssh and ~/.ray), its own /run, and its own
+Python install (an overlay over this machine's, so a `pip install` there changes only that host). `start_sshd`
+runs OpenSSH's server at the host's IP in a PID namespace of its own: what runs in a login session, `ray stop`
+included, sees only that host's processes.
+
 A host's mount and UTS namespaces live as long as a holder process (`sleep infinity`) started inside them;
 commands enter a host with `nsenter -t HOLDER --net --mount --uts`. Every process of a host sits in its
 network namespace, so `ip netns pids` finds all of them: killing a host kills exactly those PIDs.
@@ -97,6 +103,7 @@ class Host:
     netns: str
     folder: Path  # this machine's view of the host's private tmp/, shm/ (unused) and home/
     shared: bool
+    login: bool = False  # own /etc/passwd, /run and Python install: reached over SSH (start_sshd)
     link: str = ""  # the outside end of its veth pair, on the bridge
     holder_pid: int = 0
     started: list[subprocess.Popen] = field(default_factory=list, repr=False)
@@ -124,11 +131,45 @@ class Host:
                               timeout=timeout, check=check)
 
     def popen(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
-              **kwargs) -> subprocess.Popen:
-        """Starts a command on this host and keeps its Popen (its PID) so `kill` and `down` stop it."""
+              own_pids: bool = False, **kwargs) -> subprocess.Popen:
+        """Starts a command on this host and keeps its Popen (its PID) so `kill` and `down` stop it. `own_pids`:
+        in a new PID namespace (with its own /proc), as PID 1, so it and its descendants see only each other, and
+        when it dies the kernel kills every one of them."""
+        if own_pids:
+            argv = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", *argv]
         process = subprocess.Popen(self.command(argv, cwd), env=self.env(env), start_new_session=True, **kwargs)
         self.started.append(process)
         return process
+
+    def start_sshd(self, authorized_key: str, path: str) -> subprocess.Popen:
+        """OpenSSH's server on a login host, at its IP, port 22: root logs in with the key only (its home is
+        /home/ember), and login sessions get `path` as PATH (this machine's Python, as installed software would
+        be). Its config, host key and log live in the host's /tmp/sshd; it runs in its own PID namespace."""
+        assert self.login, f"{self.name} is not a login host (add_host(..., login=True))"
+        folder, ssh = self.outside("/tmp/sshd"), self.outside(f"{HOME_IN_HOST}/.ssh")
+        folder.mkdir(parents=True, exist_ok=True)
+        ssh.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (ssh / "authorized_keys").write_text(authorized_key.strip() + "\n")
+        (ssh / "environment").write_text(f"PATH={path}\nRAY_USAGE_STATS_ENABLED=0\n")  # `ssh host CMD`
+        # login shells (`bash --login`, as Ray's launcher runs commands) reset PATH in /etc/profile, then read these
+        bashrc = f"export PATH={path}\nexport RAY_USAGE_STATS_ENABLED=0\n"
+        (ssh.parent / ".bashrc").write_text(bashrc)
+        (ssh.parent / ".profile").write_text(". ~/.bashrc\n")
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "host_key")], check=True)
+        (folder / "sshd_config").write_text("\n".join([
+            f"ListenAddress {self.ip}", "Port 22", "HostKey /tmp/sshd/host_key", "PidFile /tmp/sshd/sshd.pid",
+            "PermitRootLogin prohibit-password", "PubkeyAuthentication yes", "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no", "UsePAM no", f"AuthorizedKeysFile {HOME_IN_HOST}/.ssh/authorized_keys",
+            "PermitUserEnvironment yes", "StrictModes no", "Subsystem sftp internal-sftp", ""]))
+        log = open(folder / "sshd.log", "w")  # noqa: SIM115 - sshd writes to it until the host goes
+        sshd = self.popen(["/usr/sbin/sshd", "-D", "-e", "-f", "/tmp/sshd/sshd_config"], own_pids=True,
+                          stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while "Server listening" not in (folder / "sshd.log").read_text():
+            if sshd.poll() is not None or time.monotonic() > deadline:
+                raise HostsUnavailable(f"sshd did not start on {self.name}: {(folder / 'sshd.log').read_text()}")
+            time.sleep(0.05)
+        return sshd
 
     def outside(self, path: str) -> Path:
         """This machine's path for a file under the host's private /tmp or $HOME (to read its logs)."""
@@ -193,12 +234,13 @@ class HostCluster:
             raise HostsUnavailable(f"cannot make the bridge: {error.stderr.strip()}") from error
         return cluster
 
-    def add_host(self, name: str, shared: bool = True) -> Host:
-        """A new host with the next address; `shared=False` makes a laptop without the shared folder."""
+    def add_host(self, name: str, shared: bool = True, login: bool = False) -> Host:
+        """A new host with the next address; `shared=False` makes a laptop without the shared folder; `login=True`
+        a machine one reaches over SSH (see the module's docstring)."""
         # a fresh address even where a removed host's is free: a host that replaces a dead one is another machine
         self.last_index = index = self.last_index + 1
         host = Host(name=name, ip=f"{SUBNET_PREFIX}.{self.net}.{index}", netns=f"ember{self.net}-{name}",
-                    folder=self.root / "hosts" / name, shared=shared, link=f"e{self.net}x{index}")
+                    folder=self.root / "hosts" / name, shared=shared, login=login, link=f"e{self.net}x{index}")
         self.hosts[name] = host
         self.save()
         self.write_etc_hosts()
@@ -232,6 +274,7 @@ class HostCluster:
             "mount -t tmpfs -o size=4g,mode=1777 tmpfs /dev/shm",
             f"mount --bind {host.folder / 'home'} /home",
             f"mount --bind {self.root / 'etc-hosts'} /etc/hosts",
+            *(self.login_mounts(host) if host.login else []),
             f"mount -t tmpfs -o size=1m tmpfs {hide}",
             "echo ready",
             "exec sleep infinity",
@@ -243,6 +286,27 @@ class HostCluster:
         if holder.stdout.readline().strip() != "ready":
             raise HostsUnavailable(f"cannot set up host {host.name}'s mounts: {holder.stderr.read().strip()}")
         host.holder_pid = holder.pid
+
+    @staticmethod
+    def login_mounts(host: Host) -> list[str]:
+        """A login host's own passwd (root's home is /home/ember), /run, and Python install (an overlay)."""
+        etc = host.folder / "etc"
+        etc.mkdir(parents=True, exist_ok=True)
+        passwd = [line.split(":") for line in Path("/etc/passwd").read_text().splitlines()]
+        for entry in passwd:
+            if entry[0] == "root":
+                entry[5] = HOME_IN_HOST
+        (etc / "passwd").write_text("".join(":".join(entry) + "\n" for entry in passwd))
+        prefix = Path(sys.prefix).resolve()
+        upper, work = host.folder / "python" / "upper", host.folder / "python" / "work"
+        upper.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
+        return [
+            f"mount --bind {etc / 'passwd'} /etc/passwd",
+            "mount -t tmpfs -o size=64m,mode=755 tmpfs /run",
+            "mkdir -m 755 /run/sshd",  # OpenSSH's privilege separation folder
+            f"mount -t overlay overlay -o lowerdir={prefix},upperdir={upper},workdir={work} {prefix}",
+        ]
 
     def write_etc_hosts(self) -> None:
         lines = ["127.0.0.1 localhost", *(f"{host.ip} {host.name}" for host in self.hosts.values())]
@@ -268,7 +332,7 @@ class HostCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def save(self) -> None:
-        hosts = [{"name": h.name, "ip": h.ip, "netns": h.netns, "shared": h.shared, "link": h.link,
+        hosts = [{"name": h.name, "ip": h.ip, "netns": h.netns, "shared": h.shared, "login": h.login, "link": h.link,
                   "holder_pid": h.holder_pid} for h in self.hosts.values()]
         state = {"net": self.net, "owner_pid": self.owner_pid, "last_index": self.last_index, "hosts": hosts}
         (self.root / "state.json").write_text(json.dumps(state, indent=1))

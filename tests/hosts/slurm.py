@@ -4,7 +4,7 @@ into its host's network, mount and UTS namespaces, so it has the host's hostname
 
 Everything lives in a folder of its own, named by SLURM_CONF: an existing /etc/slurm or /etc/munge is left as it
 is. Process tracking is proctrack/cgroup (cgroup v1 freezer), the usual setting on GPU clusters. Daemons run in
-the foreground and are stopped by the PID this module started. Debian's packages: `bash .ci/hosts-slurm.sh`.
+the foreground and are stopped by the PID this module started. Debian's packages: `bash .ci/hosts-packages.sh`.
 """
 
 from __future__ import annotations
@@ -55,13 +55,13 @@ CGROUP_CONF = "CgroupPlugin=cgroup/v1\nCgroupMountpoint=/sys/fs/cgroup\nConstrai
 
 
 class SlurmUnavailable(RuntimeError):
-    """Slurm's or munge's programs are missing here (install them with `bash .ci/hosts-slurm.sh`)."""
+    """Slurm's or munge's programs are missing here (install them with `bash .ci/hosts-packages.sh`)."""
 
 
 def check_slurm_installed() -> None:
     missing = [daemon for daemon in DAEMONS if shutil.which(daemon, path="/usr/sbin:/usr/bin") is None]
     if missing or shutil.which("sbatch") is None:
-        raise SlurmUnavailable(f"missing {', '.join(missing) or 'sbatch'}: run `bash .ci/hosts-slurm.sh`")
+        raise SlurmUnavailable(f"missing {', '.join(missing) or 'sbatch'}: run `bash .ci/hosts-packages.sh`")
 
 
 @dataclass
