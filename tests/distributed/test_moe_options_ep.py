@@ -104,3 +104,37 @@ def test_new_moe_options_train_alike_under_ep2_and_export(tmp_path: Path) -> Non
     export_safetensors(tmp_path, out, full_state_dict)
     (plain,) = run_on_ranks(exported_logits, 1, str(out))
     torch.testing.assert_close(plain, ranks[0][EP2.name]["probe"], rtol=1e-5, atol=1e-5)
+
+
+def every_token_to_expert_0(rank: int, world_size: int, mlp: str) -> dict[str, torch.Tensor]:
+    """EP=2, every token of both ranks routed to expert 0 (on rank 0): rank 1 receives no rows at all, and both
+    ranks must still run the same backward all-to-alls. Returns this rank's input and expert-weight gradients."""
+    from ember.engines.expert_groups import attach_expert_groups
+    from ember.models.layers.moe import EmberMoE
+    from ember.spec.model import MoESpec
+    from ember.world import ExpertPlacement
+
+    world = world_from_env("cpu", ep_size=2)
+    spec = MoESpec(num_experts=4, top_k=1, ep_size=2, drop_tokens=False)
+    torch.manual_seed(0)
+    layer = EmberMoE(16, 32, spec, ExpertPlacement(4, 2, world.ep_rank), mlp=mlp)
+    attach_expert_groups(layer, world)
+    with torch.no_grad():
+        layer.router.gate.weight.copy_(torch.tensor([1.0, -1.0, -1.0, -1.0]).repeat_interleave(16).view(4, 16))
+    x = (torch.rand(24, 16) + 0.1).requires_grad_()  # positive rows: expert 0's score is the highest for each
+    out = layer(x)
+    out = out[0] if isinstance(out, tuple) else out
+    out.square().sum().backward()
+    grads = {name: p.grad for name, p in layer.experts.named_parameters()}
+    assert all(g is not None for g in grads.values()), "an expert weight got no gradient"
+    return {"x": x.grad, **grads}
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_a_rank_that_receives_no_rows_runs_the_same_backward_exchange(mlp):
+    """Was a deadlock with SwiGLU experts: rank 1's empty expert output did not depend on its input, so its backward
+    skipped the all-to-alls rank 0 waited in."""
+    rank0, rank1 = run_on_ranks(every_token_to_expert_0, 2, mlp, timeout_s=120)
+    assert rank0["x"].abs().sum() > 0 and rank1["x"].abs().sum() > 0  # rank 1's tokens got their gradient back
+    assert all(g.abs().sum() == 0 for name, g in rank1.items() if name != "x")  # its experts saw no rows
+    assert any(g.abs().sum() > 0 for name, g in rank0.items() if name != "x")

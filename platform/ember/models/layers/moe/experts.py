@@ -251,11 +251,17 @@ def run_grouped_mm_gated(x, counts, w_in, b_in, w_out, b_out) -> torch.Tensor:
 
 
 def run_gated(x, counts, w_in, b_in, w_out, b_out) -> torch.Tensor:
-    """SwiGLU experts, one segment at a time under autograd (no hand-written backward: the GELU path's is)."""
-    outputs = [x.new_zeros((0, x.shape[1]))]
-    for e, lo, hi in segments(counts):
-        gate, up = torch.addmm(b_in[e], x[lo:hi], w_in[e]).chunk(2, dim=-1)
+    """SwiGLU experts, one segment at a time under autograd (no hand-written backward: the GELU path's is).
+
+    Every expert runs, an empty one on zero rows, so the output always depends on `x` and on every weight: under
+    expert parallelism a rank that received no rows must still run the backward all-to-alls that the other ranks
+    run (an output made apart from `x` cut them out of its graph, and the ranks deadlocked), and give its experts
+    (zero) gradients like every other rank."""
+    outputs, start = [], 0
+    for e, count in enumerate(counts):
+        gate, up = torch.addmm(b_in[e], x[start:start + count], w_in[e]).chunk(2, dim=-1)
         outputs.append(torch.addmm(b_out[e], F.silu(gate) * up, w_out[e]))
+        start += count
     return torch.cat(outputs)
 
 
