@@ -22,7 +22,6 @@ from tests.hosts.conftest import (
     submit_job,
     wait_for,
 )
-from tests.hosts.harness import kill_all
 
 pytestmark = pytest.mark.hosts
 
@@ -98,51 +97,37 @@ def resumed_steps(run_dir: Path) -> list[int]:
     return [event["step"] for event in events(run_dir) if event["kind"] == "resume"]
 
 
-def test_a_laptop_job_on_shared_storage_survives_losing_a_whole_host(ray_hosts: RayHosts, shared_shards,
-                                                                    uninterrupted, tmp_path) -> None:
-    """Submitted from the laptop; while host2's rank is paused at the end of step 25 (step 20 committed), every
-    process of host2 dies at once; a fresh host joins with the token, the job resumes from step 20 and ends with
-    the uninterrupted run's weights, bit for bit. The logs stream to the laptop."""
+def test_a_laptop_job_reading_shards_over_http_survives_losing_a_whole_host(ray_hosts: RayHosts, text_shards: Path,
+                                                                          uninterrupted, tmp_path) -> None:
+    """Submitted from the laptop, run_dir on the shared folder, ember's own shards served by a plain HTTP server
+    inside host1 from host1's private /tmp (no other host sees them: every rank reads over the network). While
+    host2's rank is paused at the end of step 25 (step 20 committed), every process of host2 dies at once; a fresh
+    host joins with the token, the job resumes from step 20 (the data cursor pins the shards by the sha256 in the
+    served shards.json) and ends with the uninterrupted run's weights, bit for bit. The logs stream to the
+    laptop. (A SIGKILL of one rank that Ray restarts on the same hosts is tests/ray/test_fault_tolerance.py's.)"""
     hosts, run_dir = ray_hosts.hosts, ray_hosts.hosts.shared_dir / "runs/from-laptop"
-    host2 = ray_hosts.workers[-1]
-    paused = ray_hosts.arm_pause(host2)
-    job = submit_job(ray_hosts, run_dir, shared_shards)
-    wait_for(paused)
-    first = json.loads(wait_for(run_dir / "checkpoints" / f"step_{EVERY:06d}" / "manifest.json").read_text())
-    ray_hosts.workers.remove(host2)
-    hosts.remove_host(host2.name)  # SIGKILL to every process of the host at once, then its network is gone
-    ray_hosts.join(hosts.add_host("host3"))
+    host1, host2 = hosts.hosts["host1"], ray_hosts.workers[-1]
+    with shards_over_http(host1, text_shards) as (url, requests):
+        paused = ray_hosts.arm_pause(host2)
+        job = submit_job(ray_hosts, run_dir, url)
+        wait_for(paused)
+        first = json.loads(wait_for(run_dir / "checkpoints" / f"step_{EVERY:06d}" / "manifest.json").read_text())
+        ray_hosts.workers.remove(host2)
+        hosts.remove_host(host2.name)  # SIGKILL to every process of the host at once, then its network is gone
+        host3 = hosts.add_host("host3")
+        ray_hosts.join(host3)
+        logs, status = follow_from_laptop(ray_hosts, job)
+        served = requests.read_text().splitlines()
 
-    logs, status = follow_from_laptop(ray_hosts, job)
     assert status == "SUCCEEDED", logs[-4000:]
     assert f"done: {run_dir}" in logs  # streamed to the laptop
     assert set(resumed_steps(run_dir)) == {EVERY}, events(run_dir)
     assert committed(run_dir)[-1] == STEPS
     # Everything survives: weights, optimizer state, RNG and the data cursor are in the checkpoint
     assert_bitwise_equal(final_weights(run_dir, tmp_path), uninterrupted)
+    # every host that ran a rank read the shards from host1, the fresh one too; and the shards' sha256s
+    assert {line.split()[0] for line in served if '"GET /train-' in line} == {host1.ip, host2.ip, host3.ip}
+    assert any('"GET /shards.json ' in line for line in served)
     # the EP=2 job had one rank on each host, and the manifest says which host holds which experts
     assert sorted(rank["host"] for rank in first["placement"]["ranks"]) == ["host1", "host2"]
     assert first["placement"]["layers"]["1"] == {"0": 0, "1": 0, "2": 1, "3": 1}  # expert -> EP rank
-
-
-def test_shards_served_over_http_from_host1_resume_exactly_after_a_kill(ray_hosts: RayHosts, text_shards: Path,
-                                                                         uninterrupted, tmp_path) -> None:
-    """ember's own shards served by a plain HTTP server inside host1, from host1's private /tmp: both hosts' ranks
-    read them over the network. The worker host's rank is SIGKILLed while paused at the end of step 25; Ray
-    restarts the workers, they resume from step 20 (the data cursor pins the shards by the sha256 in the served
-    shards.json) and end with the uninterrupted run's weights, bit for bit."""
-    host1, worker = ray_hosts.hosts.hosts["host1"], ray_hosts.workers[-1]
-    run_dir = ray_hosts.hosts.shared_dir / "runs/over-http"
-    with shards_over_http(host1, text_shards) as (url, requests):
-        paused = ray_hosts.arm_pause(worker)
-        job = submit_job(ray_hosts, run_dir, url)
-        pid = int(wait_for(paused).read_text())
-        wait_for(run_dir / "checkpoints" / f"step_{EVERY:06d}" / "manifest.json")
-        kill_all([pid])
-        logs, status = follow_from_laptop(ray_hosts, job)
-        served = requests.read_text().splitlines()
-    assert status == "SUCCEEDED", logs[-4000:]
-    assert {line.split()[0] for line in served if '"GET /train-' in line} == {host1.ip, worker.ip}
-    assert any('"GET /shards.json ' in line for line in served)  # the sha256s the cursor pins the shards by
-    assert resumed_steps(run_dir) == [EVERY], events(run_dir)
-    assert_bitwise_equal(final_weights(run_dir, tmp_path), uninterrupted)
