@@ -189,18 +189,34 @@ def stop_processes_under(temp_dir: str) -> int:
     spared = {me.pid, *(p.pid for p in me.parents())}  # a caller whose own command line names the folder
     roots = [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in part for part in p.info["cmdline"] or [])]
     processes = {p.pid: p for root in roots for p in [root, *_children(root)] if p.pid not in spared}
-    for process in processes.values():
-        try:
-            process.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(list(processes.values()), timeout=15)
+    # The GCS last: the raylet, agents and monitors exit at once on SIGTERM while it is up; terminated together
+    # with it, the raylet waits ~12 s for it and the GCS and log monitor did not exit within 20 s (measured).
+    gcs = [p for p in processes.values() if _is_gcs(p)]
+    alive = _terminate([p for p in processes.values() if p not in gcs], timeout=15)
+    alive += _terminate(gcs, timeout=15)
     for process in alive:
         try:
             process.kill()
         except psutil.NoSuchProcess:
             pass
     return len(processes)
+
+
+def _is_gcs(process: psutil.Process) -> bool:
+    try:
+        return any(part.endswith("gcs_server") for part in process.cmdline()[:1])
+    except psutil.Error:
+        return False
+
+
+def _terminate(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """SIGTERM to each, then wait up to `timeout`; returns the ones still alive."""
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    return psutil.wait_procs(processes, timeout=timeout)[1]
 
 
 def _children(process: psutil.Process) -> list[psutil.Process]:
