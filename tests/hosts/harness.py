@@ -181,6 +181,16 @@ class Host:
     def pids(self) -> list[int]:
         return pids_in_netns(self.netns)
 
+    def command_lines(self) -> list[str]:
+        """The command line of every process on this host (those that exit while being read left out)."""
+        lines = []
+        for pid in self.pids():
+            try:
+                lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+            except FileNotFoundError:
+                continue
+        return lines
+
     def kill(self) -> None:
         """The whole host goes down at once: every process in its network namespace gets SIGKILL."""
         for _ in range(5):  # again, for any process forked while the first ones died

@@ -51,15 +51,8 @@ class LaunchedHosts:
 
     def ray_processes(self, host: Host) -> list[str]:
         """Command lines of Ray's processes on `host` (its sshd and login shells excepted)."""
-        left = []
-        for pid in host.pids():
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except FileNotFoundError:
-                continue
-            if any(name in cmdline for name in ("raylet", "gcs_server", "ray::", "dashboard", "ember")):
-                left.append(cmdline)
-        return left
+        names = ("raylet", "gcs_server", "ray::", "dashboard", "ember")
+        return [line for line in host.command_lines() if any(name in line for name in names)]
 
 
 def onprem_config(head: Host, worker: Host) -> dict:

@@ -43,16 +43,8 @@ def slurm(host_cluster: HostCluster) -> Iterator[SlurmOnHosts]:
 
 def ember_processes(slurm: SlurmOnHosts) -> list[str]:
     """Command lines of anything Ray or ember still running on either host (the daemons excepted)."""
-    left = []
-    for host in slurm.hosts:
-        for pid in host.pids():
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except FileNotFoundError:
-                continue
-            if "ray" in cmdline or "ember" in cmdline:
-                left.append(f"{host.name}: {cmdline}")
-    return left
+    return [f"{host.name}: {line}" for host in slurm.hosts for line in host.command_lines()
+            if "ray" in line or "ember" in line]
 
 
 def test_two_host_sbatch_trains_ep2_is_preempted_requeues_itself_resumes_and_leaves_nothing(
