@@ -94,13 +94,13 @@ def test_step_loop_batches_admits_and_retires_with_the_reference_answers() -> No
     different lengths; every answer equals the sequence decoded alone, and the batch never exceeds its cap."""
     import asyncio
 
-    from ember.serve.batching import StepLoop
+    from ember.serve.batching import DriverLoop, LocalDriver, Scheduler, StepLoop
 
     model = tiny_moe_gpt()
     runners = [DecodeRunner(model), DecodeRunner(model)]  # two "ranks" (no experts split: no collectives)
     widest = []
 
-    async def step(plans: list[StepPlan]) -> dict:
+    def step(plans: list[StepPlan]) -> dict:  # on the driver's thread, as in rank 0
         widest.append(sum(len(p.admit) + len(p.decode) for p in plans))
         return {k: v for runner, plan in zip(runners, plans, strict=True) for k, v in runner.step(plan).items()}
 
@@ -113,8 +113,10 @@ def test_step_loop_batches_admits_and_retires_with_the_reference_answers() -> No
 
     jobs = [([5 + i, 9], 3 + i, SamplingParams(temperature=0.0 if i % 2 else 1.0, seed=i)) for i in range(5)]
 
+    driver = LocalDriver(DriverLoop(step, Scheduler(ranks=2, seq_len=32, max_batch=2)))
+
     async def main() -> list[list[int]]:
-        loop = StepLoop(step, ranks=2, seq_len=32, max_batch=2)
+        loop = StepLoop(driver)
         loop.start()
 
         async def one(prompt, length, params) -> list[int]:
@@ -122,5 +124,56 @@ def test_step_loop_batches_admits_and_retires_with_the_reference_answers() -> No
 
         return await asyncio.gather(*(one(*job) for job in jobs))
 
-    assert asyncio.run(main()) == [alone(*job) for job in jobs]
+    try:
+        assert asyncio.run(main()) == [alone(*job) for job in jobs]
+    finally:
+        driver.stop()
     assert max(widest) == 2  # five requests, two slots: admitted as others retired
+
+
+def test_a_client_that_goes_away_is_retired_and_the_others_decode_on() -> None:
+    """A request whose client stops reading (its generator closed after one token) is retired by the step
+    after the cancel reaches the driver, not decoded to its 20 tokens; the request after it still gets its
+    reference answer. The second step is held (a threading.Event) until the client has gone, so which step
+    sees the cancel is fixed, not raced."""
+    import asyncio
+    import threading
+
+    from ember.serve.batching import DriverLoop, LocalDriver, Scheduler, StepLoop
+
+    model = tiny_moe_gpt()
+    runner, plans, gone = DecodeRunner(model), [], threading.Event()
+
+    def step(ranks: list[StepPlan]) -> dict:
+        plans.append(ranks[0])
+        if len(plans) == 2:
+            assert gone.wait(60)
+        return runner.step(ranks[0])
+
+    driver = LocalDriver(DriverLoop(step, Scheduler(ranks=1, seq_len=32)))
+    greedy = SamplingParams(temperature=0.0)
+
+    async def main() -> tuple[list[int], list[int]]:
+        loop = StepLoop(driver)
+        loop.start()
+        leaving = loop.generate([7, 8], 20, greedy, stop=[])
+        first = [(await leaving.__anext__())[0].token]
+        await leaving.aclose()  # the client went away after one token
+        gone.set()
+        staying = [picked.token async for picked, _ in loop.generate([5, 9], 6, greedy, stop=[])]
+        return first, staying
+
+    try:
+        first, staying = asyncio.run(main())
+    finally:
+        driver.stop()
+    reference = DecodeRunner(model)
+    plan, expected = StepPlan(admit=[Admit(0, [5, 9], greedy)]), []
+    for _ in range(6):
+        expected.append(reference.step(plan)[0].token)
+        plan = StepPlan(decode=[0])
+    assert staying == expected
+    assert len(first) == 1
+    assert [plan.decode for plan in plans[:2]] == [[], [0]]  # admitted, then decoded once while it left
+    assert plans[2].retire == [0] and all(0 not in plan.decode for plan in plans[2:])
+    assert 0 not in runner.live

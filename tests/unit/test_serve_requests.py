@@ -73,7 +73,7 @@ def test_expert_choice_checkpoints_are_refused_with_the_field_named() -> None:
 def test_the_kv_budget_counts_what_a_sequence_allocates_and_admission_keeps_to_it() -> None:
     import asyncio
 
-    from ember.serve.batching import StepLoop
+    from ember.serve.batching import DriverLoop, LocalDriver, Scheduler, StepLoop
     from ember.serve.memory import MIB, kv_bytes_per_sequence, sequences_per_rank
 
     model = tiny_gpt()
@@ -93,13 +93,16 @@ def test_the_kv_budget_counts_what_a_sequence_allocates_and_admission_keeps_to_i
 
     held = []
 
-    async def step(plans: list[StepPlan]) -> dict:
+    def step(plans: list[StepPlan]) -> dict:
         picked = runner.step(plans[0])
         held.append(len(runner.live))
         return picked
 
+    runner = DecodeRunner(model)
+    driver = LocalDriver(DriverLoop(step, Scheduler(ranks=1, seq_len=32, max_batch=64, max_per_rank=2)))
+
     async def main() -> list[list[int]]:
-        loop = StepLoop(step, ranks=1, seq_len=32, max_batch=64, max_per_rank=2)
+        loop = StepLoop(driver)
         loop.start()
 
         async def one(prompt: list[int]) -> list[int]:
@@ -107,19 +110,31 @@ def test_the_kv_budget_counts_what_a_sequence_allocates_and_admission_keeps_to_i
 
         return await asyncio.gather(*(one([5 + i]) for i in range(5)))
 
-    runner = DecodeRunner(model)
-    assert len(asyncio.run(main())) == 5  # five requests, a budget of two caches
+    try:
+        assert len(asyncio.run(main())) == 5  # five requests, a budget of two caches
+    finally:
+        driver.stop()
     assert max(held) == 2
 
 
 def test_a_full_waiting_line_refuses_new_sequences_instead_of_queueing_them() -> None:
     import asyncio
+    import threading
 
-    from ember.serve.batching import Overloaded, StepLoop
+    from ember.serve.batching import DriverLoop, LocalDriver, Overloaded, Scheduler, StepLoop
     from ember.serve.completions import failure
 
+    runner, release = DecodeRunner(tiny_gpt()), threading.Event()
+
+    def step(plans: list[StepPlan]) -> dict:  # the first sequence's first step holds until the end
+        assert release.wait(60)
+        return runner.step(plans[0])
+
+    driver = LocalDriver(DriverLoop(step, Scheduler(ranks=1, seq_len=32)))
+
     async def main() -> None:
-        loop = StepLoop(lambda plans: asyncio.sleep(0), ranks=1, seq_len=32, max_waiting=1)  # never started
+        loop = StepLoop(driver, max_waiting=1)
+        loop.start()
         first = loop.generate([1], 2, SamplingParams(), stop=[])
         waiting = asyncio.ensure_future(first.__anext__())
         await asyncio.sleep(0)
@@ -128,9 +143,15 @@ def test_a_full_waiting_line_refuses_new_sequences_instead_of_queueing_them() ->
             await loop.generate([2], 2, SamplingParams(), stop=[]).__anext__()
         refusal = failure(raised.value)
         assert (refusal.status, refusal.headers) == (503, {"Retry-After": "1"})
-        waiting.cancel()
+        release.set()
+        assert (await waiting)[0].token >= 0  # the one admitted still completes
+        await first.aclose()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+        driver.stop()
 
 
 def test_without_a_budget_ranks_sharing_a_host_split_half_its_free_memory_and_the_smallest_share_wins() -> None:
