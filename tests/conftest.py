@@ -57,6 +57,15 @@ def text_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def moe_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny MoE GPT trained with EP=2 (4 experts, 2 per rank) by real DeepSpeed ranks, written once per session
+    and only read after: the serving tests of every tier serve it (with EP=2 or 1) and compare to `generate`."""
+    from tests.helpers.moe_checkpoint import write_moe_checkpoint
+
+    return write_moe_checkpoint(tmp_path_factory.mktemp("moe-ep2") / "run", ep_size=2)
+
+
 def shard_overrides(shards: Path) -> list[str]:
     """--set items pointing a debug job at `text_shards`."""
     return [f"data.train.urls={shards}/train-{{000000..000003}}.tar", f"data.val.urls={shards}/val-000000.tar",

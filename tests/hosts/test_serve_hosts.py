@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.moe_checkpoint import write_moe_checkpoint
 from tests.hosts.conftest import RayHosts
 from tests.hosts.harness import Host
 
@@ -46,9 +46,9 @@ print(json.dumps({"with_token": served.status_code, "tokens": served.json()["cho
 
 
 @pytest.fixture(scope="module")
-def shared_moe_run(ray_hosts: RayHosts) -> Path:
-    """A tiny MoE GPT trained with EP=2 (4 experts), written on the shared folder both cluster hosts read."""
-    return write_moe_checkpoint(ray_hosts.hosts.shared_dir / "serve-run", ep_size=2)
+def shared_moe_run(ray_hosts: RayHosts, moe_run: Path) -> Path:
+    """The session's tiny MoE GPT trained with EP=2 (4 experts), copied to the shared folder both hosts read."""
+    return Path(shutil.copytree(moe_run, ray_hosts.hosts.shared_dir / "serve-run"))
 
 
 @contextlib.contextmanager

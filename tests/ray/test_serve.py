@@ -24,7 +24,6 @@ import requests
 from ember.generation.sampling import SamplingParams
 from ember.serve.generate import generate
 from tests.helpers.distributed import free_port
-from tests.helpers.moe_checkpoint import write_moe_checkpoint
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
@@ -37,9 +36,9 @@ PROMPTS = ["def ", "import os\n", "class Tree:\n    ", "    return ", "# ", "x =
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny MoE GPT trained with EP=2 (4 experts, 2 per rank) by real DeepSpeed ranks."""
-    return write_moe_checkpoint(tmp_path_factory.mktemp("serve") / "run", ep_size=2)
+def run_dir(moe_run: Path) -> Path:
+    """A tiny MoE GPT trained with EP=2 (4 experts, 2 per rank) by real DeepSpeed ranks (tests/conftest.py)."""
+    return moe_run
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import requests
 from ember.generation.sampling import SamplingParams
 from ember.serve.generate import generate
 from tests.helpers.distributed import free_port
-from tests.helpers.moe_checkpoint import write_moe_checkpoint
 
 pytestmark = pytest.mark.ray
 TOKEN = "test-token-health"
@@ -36,8 +35,8 @@ def held(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_moe_checkpoint(tmp_path_factory.mktemp("serve-health") / "run", ep_size=1)
+def run_dir(moe_run: Path) -> Path:
+    return moe_run  # trained with EP=2, served here by one rank
 
 
 @pytest.fixture(scope="module")
