@@ -6,7 +6,6 @@ from the laptop trains an EP=2 job with one rank on each host to SUCCEEDED; `ray
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -22,12 +21,7 @@ from tests.conftest import shard_overrides
 from tests.hosts.conftest import unavailable
 from tests.hosts.harness import Host, HostCluster, HostsUnavailable
 
-# Opt-in for now (EMBER_TEST_RAY_UP=1): it takes ~2.5 minutes, and with it `pytest` ran 25:06 here, over the
-# suite's 25-minute budget. Run it with `EMBER_TEST_RAY_UP=1 pytest tests/hosts/test_ray_up.py`.
-pytestmark = [
-    pytest.mark.hosts,
-    pytest.mark.skipif(os.environ.get("EMBER_TEST_RAY_UP") != "1", reason="opt-in: set EMBER_TEST_RAY_UP=1 (~2.5 min)"),
-]
+pytestmark = pytest.mark.hosts
 REPO = Path(__file__).resolve().parents[2]
 # What a login session on a cluster host has on PATH: the Python that ember and Ray are installed into
 LOGIN_PATH = f"{Path(sys.executable).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
