@@ -6,8 +6,9 @@ Two torch.multiprocessing ranks on gloo load bench/serve.py's checkpoint (a GPT 
 layers, 4 experts top-1) with EP=2, as two serving ranks do, and time decode steps of one sequence held
 by rank 0 (rank 1 holds none but takes part in every exchange), on 1 thread each: (a) the step alone,
 (b) the step plus the plans broadcast and picks gathered with torch's object collectives, (c) the same
-over serve/expert_actor.py's Channel (what `ember serve` runs). It also times (d) the same sequence's
-steps in one process with every expert (EP=1). Medians over --repeats; the last line is one JSON object.
+over serve/expert_actor.py's Channel, (d) Channel plus the MoE layers' bounded exchange (one padded
+all-to-all per layer instead of counts + rows: what `ember serve` runs). It also times (e) the same
+sequence's steps in one process with every expert (EP=1). Medians over --repeats; the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def _rank(rank: int, world_size: int, checkpoint: str, steps: int, repeats: int)
 
     from ember.engines.expert_groups import attach_expert_groups
     from ember.generation.decode import DecodeRunner, StepPlan
+    from ember.models.layers.moe.dispatch import set_max_tokens
     from ember.serve.expert_actor import Channel
     from ember.serve.weights import load_rank_model
     from ember.world import World
@@ -76,8 +78,15 @@ def _rank(rank: int, world_size: int, checkpoint: str, steps: int, repeats: int)
         plans = channel.broadcast([plan, StepPlan()])
         channel.gather(runner.step(plans[rank]))
 
+    def bounded(plan: StepPlan) -> None:
+        plans = channel.broadcast([plan, StepPlan()])
+        set_max_tokens(model, max(sum(len(a.prompt) for a in p.admit) + len(p.decode) for p in plans))
+        channel.gather(runner.step(plans[rank]))
+        set_max_tokens(model, None)
+
     results = {}
-    for name, exchange in (("step_alone", alone), ("torch_objects", objects), ("channel", channelled)):
+    cases = (("step_alone", alone), ("torch_objects", objects), ("channel", channelled), ("bounded", bounded))
+    for name, exchange in cases:
         times = []
         for _ in range(repeats):
             dist.barrier()
@@ -113,7 +122,8 @@ def main() -> None:
     print(f"  EP=1, one process:                          {ep1:6.2f}")
     print(f"  EP=2, the step alone (MoE exchanges only):  {ep2['step_alone']:6.2f}")
     print(f"  EP=2, + plans/picks as torch objects:       {ep2['torch_objects']:6.2f}")
-    print(f"  EP=2, + plans/picks over Channel (served):  {ep2['channel']:6.2f}")
+    print(f"  EP=2, + plans/picks over Channel:           {ep2['channel']:6.2f}")
+    print(f"  EP=2, + bounded MoE exchange (served):      {ep2['bounded']:6.2f}")
     print(json.dumps({"ep1_ms": round(ep1, 2), **{f"ep2_{k}_ms": round(v, 2) for k, v in ep2.items()}}))
 
 

@@ -36,6 +36,7 @@ from ember.checkpoint.fault import fault_point
 from ember.data.tokenizer import checkpoint_tokenizer
 from ember.generation.decode import DecodeRunner, Picked, StepPlan
 from ember.generation.precision import dtype_name, generation_dtype
+from ember.models.layers.moe.dispatch import set_max_tokens
 from ember.serve.batching import POLL_S, DriverLoop, Polled, Request, Scheduler
 from ember.serve.memory import free_memory_bytes
 from ember.world import World, backend_for, resolve_device
@@ -181,7 +182,7 @@ class ExpertShard:
         if self.world_size == 1:
             return self.step(plans[0])
         self.channel.broadcast(plans)
-        picked = self.step(plans[0])
+        picked = self.step_of(plans)
         return {seq_id: token for part in self.channel.gather(picked) for seq_id, token in part.items()}
 
     def beat(self) -> None:
@@ -192,7 +193,13 @@ class ExpertShard:
         while True:
             plans = self.channel.broadcast(None)
             if plans is not None:
-                self.channel.gather(self.step(plans[self.rank]))
+                self.channel.gather(self.step_of(plans))
+
+    def step_of(self, plans: list[StepPlan]) -> dict[int, Picked]:
+        """This rank's share of a step every rank knows the plans of: each MoE layer then exchanges its counts
+        and rows in one padded all-to-all bounded by the most tokens any rank feeds (dispatch.py)."""
+        set_max_tokens(self.runner.model, max(sum(len(a.prompt) for a in p.admit) + len(p.decode) for p in plans))
+        return self.step(plans[self.rank])
 
     def step(self, plan: StepPlan) -> dict[int, Picked]:
         self.steps += 1
