@@ -215,6 +215,25 @@ def test_constraints_pin_the_ray_of_the_image() -> None:
     assert pinned.group(2) == base_image_ray
 
 
+def test_dependency_floors_match_what_ember_needs_and_tests() -> None:
+    """pyproject's ranges: a Ray with token auth (2.52), and DeepSpeed exactly the minor versions resharding reads
+    (reshard.py refuses the others at resume with exit 2; pip should not install them in the first place)."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    from ember.engines.deepspeed.reshard import TESTED_DEEPSPEED
+
+    needs = {(r := Requirement(line)).name: r.specifier for line in
+             tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
+    assert "2.51.9" not in needs["ray"] and "2.52.0" in needs["ray"]
+    (low_major, low_minor), (high_major, high_minor) = TESTED_DEEPSPEED
+    assert f"{low_major}.{low_minor}.0" in needs["deepspeed"] and f"{low_major}.{low_minor}.99" in needs["deepspeed"]
+    assert f"{high_major}.{high_minor}.0" not in needs["deepspeed"]
+    assert f"{low_major}.{low_minor - 1}.99" not in needs["deepspeed"]
+    pinned = re.search(r"^deepspeed==([\d.]+)", (REPO / "constraints.txt").read_text(), re.M)
+    assert pinned and pinned.group(1) in needs["deepspeed"]
+
+
 @pytest.mark.parametrize(
     "script", ["launchers/slurm/ember.sbatch", "launchers/ray-submit.sh", "cluster/local/dev-cluster.sh"]
 )
