@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import json
 import tarfile
 from pathlib import Path
@@ -10,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from ember.data.build import (
+    VAL_PIECE_BYTES,
+    VAL_PIECES_PER_FILE,
     build_text_shards,
     collect_source_files,
     ensure_shards,
@@ -17,6 +21,8 @@ from ember.data.build import (
     is_validation,
     local_path,
     sample_key,
+    split_train_val,
+    val_pieces,
 )
 from ember.errors import UserError
 from ember.spec.data import DataSpec, ShardSet, TextBuildSpec
@@ -56,9 +62,54 @@ def test_build_splits_by_path_hash_and_respects_max_bytes(stdlib_shards: Path) -
     files = collect_source_files("stdlib", max_bytes=2_000_000)
     assert 0 < sum(f.size for f in files) <= 2_000_000
     assert all("test" not in Path(f.relpath).parts[:-1] for f in files)
-    val_keys = set(shard_keys(stdlib_shards / "val-000000.tar"))
+    val_files = {key.rsplit("-p", 1)[0] for key in shard_keys(stdlib_shards / "val-000000.tar")}
     expected = {sample_key(f.relpath) for f in files if is_validation(f.relpath, 0.05)}
-    assert val_keys == expected
+    assert val_files == expected
+
+
+def test_val_pieces_come_from_every_held_out_file_and_any_prefix_spans_the_corpus(stdlib_shards: Path) -> None:
+    """An evaluation reads the val shard's first rows: they must sample the held-out files, not the first few,
+    and no single file may dominate them."""
+    files = collect_source_files("stdlib", max_bytes=2_000_000)
+    val = {sample_key(f.relpath): f.path.read_bytes() for f in files if is_validation(f.relpath, 0.05) and f.size}
+    with tarfile.open(stdlib_shards / "val-000000.tar") as tar:
+        pieces = [(m.name[: -len(".txt")], tar.extractfile(m).read()) for m in tar.getmembers()]
+    kept: dict[str, dict[int, bytes]] = {}
+    for key, data in pieces:
+        name, index = key.rsplit("-p", 1)
+        kept.setdefault(name, {})[int(index)] = data
+        assert 0 < len(data) <= VAL_PIECE_BYTES
+    assert set(kept) == set(val)
+    for name, parts in kept.items():
+        assert len(parts) <= VAL_PIECES_PER_FILE
+        text, start = val[name], 0
+        for index in range(max(parts) + 1):  # re-cut the file: every kept piece is the piece of its index
+            end = min(start + VAL_PIECE_BYTES, len(text))
+            if end < len(text):
+                end = text.rfind(b"\n", start, end) + 1 or end
+            assert parts.get(index, text[start:end]) == text[start:end]
+            start = end
+        if len(parts) < VAL_PIECES_PER_FILE:
+            assert start == len(text)  # a small file is kept whole
+    assert len(pieces) > 2 * len(val)  # files really were cut
+    # The whole stdlib's held-out split (what the quickstart builds): 64 KB, the rows its evaluation reads, come
+    # from many files, and pieces of one file are seldom neighbours (file by file: all but one per file are).
+    whole = val_pieces(split_train_val(collect_source_files("stdlib"), 0.05)[1])
+    sizes = list(itertools.accumulate(len(piece["txt"]) for piece in whole))
+    evaluated = whole[: bisect.bisect_left(sizes, 64 * 1024) + 1]
+    assert len({piece["__key__"].rsplit("-p", 1)[0] for piece in evaluated}) >= 8
+    names = [piece["__key__"].rsplit("-p", 1)[0] for piece in whole]
+    assert sum(a == b for a, b in itertools.pairwise(names)) < len(whole) // 8
+    assert max(names.count(name) for name in names) <= VAL_PIECES_PER_FILE
+
+
+def test_train_shards_start_with_files_from_the_whole_corpus(stdlib_shards: Path) -> None:
+    """A run shorter than an epoch reads each shard's start: it must not be the alphabetically first modules."""
+    keys = shard_keys(stdlib_shards / "train-000000.tar")
+    assert keys != sorted(keys)
+    everything = sorted(k for i in range(4) for k in shard_keys(stdlib_shards / f"train-{i:06d}.tar"))
+    first_tenth = set(everything[: len(everything) // 10])
+    assert sum(key in first_tenth for key in keys[: len(keys) // 4]) < len(keys) // 8
 
 
 def test_build_is_deterministic(tiny_stdlib_shards: Path, tmp_path: Path) -> None:
