@@ -136,7 +136,12 @@ def spread_order(files: list[SourceFile]) -> list[SourceFile]:
     first packages alone (300 quickstart steps read ~10 % of each shard), and an evaluation, which reads the
     val shard's first rows, scored the alphabetically first held-out files alone. Stable: a file's place
     depends on its path alone."""
-    return sorted(files, key=lambda f: hashlib.sha256(f"ember-order:{f.relpath}".encode()).digest())
+    return sorted(files, key=lambda f: hash_order(f.relpath))
+
+
+def hash_order(key: str) -> bytes:
+    """A sort key that scatters names evenly and never changes."""
+    return hashlib.sha256(f"ember-order:{key}".encode()).digest()
 
 
 def val_pieces(
@@ -145,13 +150,10 @@ def val_pieces(
     """The held-out files cut at line ends into pieces of at most `size` bytes (a longer line is cut where it
     reaches it), at most `per_file` pieces of each file (those first in hash order), all pieces in the order
     of a hash of their key. An evaluation scores the val shard's first eval_batches x micro_batch rows (64 KB
-    in the quickstart). With whole files in path order those rows were two or three modules and their loss
-    moved by 0.1 nats/byte with which ones; uncapped, one generated file (pydoc_data/topics.py, 700 KB of
+    in the quickstart). With whole files those rows were one to three modules and their loss was off the whole
+    split's by up to 0.17 nats/byte (bench/RESULTS.md); uncapped, one generated file (pydoc_data/topics.py, 700 KB of
     help text) was 59 % of the stdlib's held-out bytes. Each piece is a document (it ends with the
     separator), like a training file."""
-    def order(key: str) -> bytes:
-        return hashlib.sha256(f"ember-order:{key}".encode()).digest()
-
     pieces = []
     for file in files:
         data, start, cut = file.path.read_bytes(), 0, []
@@ -161,8 +163,8 @@ def val_pieces(
                 end = data.rfind(b"\n", start, end) + 1 or end
             cut.append({"__key__": f"{sample_key(file.relpath)}-p{len(cut):05d}", "txt": data[start:end]})
             start = end
-        pieces += sorted(cut, key=lambda piece: order(piece["__key__"]))[:per_file]
-    return sorted(pieces, key=lambda piece: order(piece["__key__"]))
+        pieces += sorted(cut, key=lambda piece: hash_order(piece["__key__"]))[:per_file]
+    return sorted(pieces, key=lambda piece: hash_order(piece["__key__"]))
 
 
 def deal_by_bytes(files: list[SourceFile], shards: int) -> list[list[SourceFile]]:
