@@ -173,3 +173,24 @@ def test_ensure_shards_builds_missing_shards_when_the_spec_says_how(tmp_path: Pa
     built = (out / "shards.json").stat().st_mtime_ns
     ensure_shards(spec)
     assert (out / "shards.json").stat().st_mtime_ns == built  # complete now: not rebuilt
+
+
+def test_text_shards_of_the_old_layout_are_kept_and_said_to_be_stale(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "built"
+    spec = DataSpec(
+        train=ShardSet(urls=f"{out}/train-{{000000..000001}}.tar"),
+        val=ShardSet(urls=f"{out}/val-000000.tar"),
+        build=TextBuildSpec(out=str(out), train_shards=2),
+    )
+    build_text_shards(out, train_shards=2, max_bytes=100_000)  # small: the check reads the manifest alone
+    ensure_shards(spec)
+    assert "older ember" not in caplog.text
+    manifest = json.loads((out / "shards.json").read_text())
+    del manifest["val_pieces_per_file"], manifest["val_piece_bytes"]  # what an ember before the pieces wrote
+    (out / "shards.json").write_text(json.dumps(manifest))
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    ensure_shards(spec)
+    assert "older ember" in caplog.text and str(out) in caplog.text
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before  # warned, not replaced

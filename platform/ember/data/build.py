@@ -245,6 +245,8 @@ def ensure_shards(data_spec: DataSpec) -> None:
     """Build missing shards when the spec says how; then raise once, listing every shard still missing."""
     if data_spec.build is not None and missing_local_shards(data_spec):
         fill_missing_shards(data_spec.build)
+    if isinstance(data_spec.build, TextBuildSpec):
+        warn_if_old_text_layout(Path(data_spec.build.out))
     missing = missing_local_shards(data_spec)
     if missing:
         listing = "\n  ".join(missing)
@@ -254,6 +256,22 @@ def ensure_shards(data_spec: DataSpec) -> None:
             "--source digits --out DIR` (or add a data.build section so `ember run` builds them), or fix "
             "data.train.urls / data.sources / data.val.urls."
         )
+
+
+def warn_if_old_text_layout(out: Path) -> bool:
+    """Text shards from an ember before the hash order and held-out pieces (2026-12-06) are kept (a saved
+    data cursor may point into them) but said to be stale: their shards start with the alphabetically first
+    modules and an evaluation scores one or two held-out files."""
+    try:
+        manifest = json.loads((out / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    if manifest.get("kind") != "text" or manifest.get("created_by") != "ember" or "val_pieces_per_file" in manifest:
+        return False
+    log.warning("%s was built by an older ember: its shards are in path order and its held-out files whole, so a "
+                "short run trains on the alphabetically first modules and evaluates only a few files. Move it away "
+                "(and start a new run) to build the current layout.", out)
+    return True
 
 
 def fill_missing_shards(build: TextBuildSpec | ImageBuildSpec) -> None:
