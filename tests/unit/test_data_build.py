@@ -108,8 +108,9 @@ def test_train_shards_start_with_files_from_the_whole_corpus(stdlib_shards: Path
     keys = shard_keys(stdlib_shards / "train-000000.tar")
     assert keys != sorted(keys)
     everything = sorted(k for i in range(4) for k in shard_keys(stdlib_shards / f"train-{i:06d}.tar"))
-    first_tenth = set(everything[: len(everything) // 10])
-    assert sum(key in first_tenth for key in keys[: len(keys) // 4]) < len(keys) // 8
+    first_quarter = set(everything[: len(everything) // 4])
+    head = keys[: len(keys) // 4]  # dealt in path order, most of it came from the first quarter (5 of 7 here)
+    assert sum(key in first_quarter for key in head) < len(head) / 2
 
 
 def test_build_is_deterministic(tiny_stdlib_shards: Path, tmp_path: Path) -> None:
