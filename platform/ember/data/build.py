@@ -150,10 +150,10 @@ def val_pieces(
     """The held-out files cut at line ends into pieces of at most `size` bytes (a longer line is cut where it
     reaches it), at most `per_file` pieces of each file (those first in hash order), all pieces in the order
     of a hash of their key. An evaluation scores the val shard's first eval_batches x micro_batch rows (64 KB
-    in the quickstart). With whole files those rows were one to three modules and their loss was off the whole
-    split's by up to 0.17 nats/byte (bench/RESULTS.md); uncapped, one generated file (pydoc_data/topics.py, 700 KB of
-    help text) was 59 % of the stdlib's held-out bytes. Each piece is a document (it ends with the
-    separator), like a training file."""
+    in the quickstart). With whole files those rows were one to three modules and their loss was off the
+    whole split's by up to 0.17 nats/byte (bench/RESULTS.md); uncapped, one generated file
+    (pydoc_data/topics.py, 700 KB of help text) was 59 % of the stdlib's held-out bytes. Each piece is a
+    document (it ends with the separator), like a training file."""
     pieces = []
     for file in files:
         data, start, cut = file.path.read_bytes(), 0, []
@@ -258,20 +258,19 @@ def ensure_shards(data_spec: DataSpec) -> None:
         )
 
 
-def warn_if_old_text_layout(out: Path) -> bool:
+def warn_if_old_text_layout(out: Path) -> None:
     """Text shards from an ember before the hash order and held-out pieces (2026-12-06) are kept (a saved
     data cursor may point into them) but said to be stale: their shards start with the alphabetically first
     modules and an evaluation scores one or two held-out files."""
     try:
         manifest = json.loads((out / MANIFEST_NAME).read_text())
     except (OSError, ValueError):
-        return False
+        return
     if manifest.get("kind") != "text" or manifest.get("created_by") != "ember" or "val_pieces_per_file" in manifest:
-        return False
+        return
     log.warning("%s was built by an older ember: its shards are in path order and its held-out files whole, so a "
                 "short run trains on the alphabetically first modules and evaluates only a few files. Move it away "
                 "(and start a new run) to build the current layout.", out)
-    return True
 
 
 def fill_missing_shards(build: TextBuildSpec | ImageBuildSpec) -> None:
