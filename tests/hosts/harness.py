@@ -41,6 +41,7 @@ from pathlib import Path
 STATE_ROOT = Path("/var/tmp/ember-hosts")  # not under /tmp: every host gets its own /tmp
 SUBNET_PREFIX = "10.213"
 HOME_IN_HOST = "/home/ember"
+REPO = Path(__file__).resolve().parents[2]  # the code every host runs, as a real cluster installs it on each node
 NAMESPACE_TOOLS = ("ip", "nsenter", "unshare")
 
 
@@ -278,9 +279,15 @@ class HostCluster:
             (host.folder / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(host.folder / "tmp", 0o1777)
         hide = self.root if not host.shared else self.root / "hosts"  # other hosts' folders; the laptop: shared too
+        code = []  # a checkout under /tmp (CI clones there) stays at its path inside the host's private /tmp
+        if REPO.is_relative_to("/tmp"):
+            seat = host.folder / "tmp" / REPO.relative_to("/tmp")
+            seat.mkdir(parents=True, exist_ok=True)
+            code = [f"mount --bind {REPO} {seat}"]
         setup = [
             f"hostname {host.name}",
-            f"mount --bind {host.folder / 'tmp'} /tmp",
+            *code,
+            f"mount --rbind {host.folder / 'tmp'} /tmp",
             "mount -t tmpfs -o size=4g,mode=1777 tmpfs /dev/shm",
             f"mount --bind {host.folder / 'home'} /home",
             f"mount --bind {self.root / 'etc-hosts'} /etc/hosts",
