@@ -8,8 +8,10 @@ not always the highest step: a run restarted from scratch or from an older check
 Async save: each rank snapshots its tensors into host memory (checkpoint/io.py; files an engine writes
 itself go to a private folder under /dev/shm), which is the only stall the training loop sees; a
 background thread then serialises, moves and reports them, and rank 0's thread commits once every rank
-has reported. At most one save is in flight; the next save (or `wait()`) joins it and re-raises anything
-it failed with.
+has reported. At most one save is in flight in the whole group: the next save (or `wait()`) joins it and
+re-raises anything it failed with, and no rank starts the next save before rank 0 has committed the last one
+(else a rank could die writing step N+1 while step N, which the run had already passed, was still
+uncommitted, and the group would resume a save earlier than it needs to).
 """
 
 from __future__ import annotations
@@ -105,6 +107,8 @@ class CheckpointManager:
         """Every rank calls this. shared_state is JSON (rank 0 writes it); rank_state is per rank."""
         started = time.perf_counter()
         self.wait()
+        if self.async_save:  # rank 0's wait() ends with the previous commit: no rank writes this step before it
+            self.world.barrier()
         layout = self._layout(step)
         fault_point("before_rank_files", layout.rank, step)
         self._prepare(layout)
