@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from ember.errors import RESUMABLE_EXIT_CODE
@@ -50,9 +51,11 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> Non
         time.sleep(0.05)
 
 
-def signal_while_paused(run_dir: Path, marker: Path, process: subprocess.Popen, send) -> str:
+def signal_while_paused(run_dir: Path, marker: Path, process: subprocess.Popen, send, while_paused=None) -> str:
     """Rank 0 is paused at the end of step 8: signal the driver, wait for its request, then let rank 0 go."""
     wait_for(Path(f"{marker}.paused"), process)
+    if while_paused is not None:
+        while_paused()
     send()
     wait_for(run_dir / "PREEMPT", process)
     Path(f"{marker}.go").touch()
@@ -79,14 +82,32 @@ def test_kill_9_of_a_worker_restarts_and_ends_bitwise_equal(shards, uninterrupte
     assert_bitwise_equal(final_weights(run_dir, tmp_path), uninterrupted)
 
 
+def ray_actors_under(pid: int) -> set[str]:
+    """Class names of the Ray actors among a process's descendants (Ray titles them `ray::Class.method`)."""
+    names = set()
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            title = " ".join(child.cmdline())
+            if title.startswith("ray::"):
+                names.add(title[5:].split(".")[0].split(" ")[0])
+    return names
+
+
 def test_sigterm_to_the_driver_checkpoints_exits_75_and_resumes_exactly(shards, uninterrupted, tmp_path) -> None:
     run_dir, marker = tmp_path / "preempted", tmp_path / "pause"
     process = subprocess.Popen(command(run_dir, shards), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=with_fault(f"step_end:0:8:pause@{marker}"))
+    actors: set[str] = set()
     try:
-        output = signal_while_paused(run_dir, marker, process, lambda: process.send_signal(signal.SIGTERM))
+        output = signal_while_paused(run_dir, marker, process, lambda: process.send_signal(signal.SIGTERM),
+                                     while_paused=lambda: actors.update(ray_actors_under(process.pid)))
     finally:
         process.kill()
+    # The run's embedded Ray holds Ray Train's controller and workers and ember's progress queue, and none of the
+    # actors of Ray Data, Ray's autoscaler requests or its preemption watcher, which ember does not use
+    # (train/ray_trainer.py): each would be one more process importing ray.train while the workers start.
+    assert {"TrainController", "RayTrainWorker", "_QueueActor"} <= actors, actors
+    assert not actors & {"DatasetManager", "_AutoscalingCoordinatorActor", "PreemptionWatcher"}, actors
     assert process.returncode == RESUMABLE_EXIT_CODE, output
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["kind"] == "preempted"] == [8]

@@ -45,7 +45,7 @@ def run_job(spec: JobSpec, verbose: bool = False, console: Console | None = None
         spec.check_local_inputs()
         check_init_from(spec.model)
     run_dir = prepare_run_dir(spec)
-    with ray_session(spec, verbose):
+    with ray_session(spec, verbose) as embedded:
         if spec.cluster.address != "local":
             check_cluster_storage(spec, run_dir)
         from ray.util.queue import Queue
@@ -58,8 +58,8 @@ def run_job(spec: JobSpec, verbose: bool = False, console: Console | None = None
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         with forward_preemption_signals(run_dir), ProgressView(console) as view:
-            metrics = fit_with_retries(lambda: build_trainer(spec, run_dir, queue), queue, view,
-                                       spec.cluster.max_failures, run_dir)
+            metrics = fit_with_retries(lambda: build_trainer(spec, run_dir, queue, autoscaler=not embedded), queue,
+                                       view, spec.cluster.max_failures, run_dir)
     if spec.logging.tensorboard:
         console.print(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}", markup=False, soft_wrap=True)
     return RunResult(run_dir, metrics)
@@ -137,12 +137,13 @@ def read_probes(probe: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def ray_session(spec: JobSpec, verbose: bool) -> Iterator[None]:
-    """Embedded local Ray (started and stopped here), or join the cluster at cluster.address."""
+def ray_session(spec: JobSpec, verbose: bool) -> Iterator[bool]:
+    """Embedded local Ray (started and stopped here), or join the cluster at cluster.address. Yields whether the
+    Ray is the embedded one, which has a fixed set of CPUs and no autoscaler."""
     import ray
 
     if ray.is_initialized():  # a notebook or test already holds a Ray session: use it
-        yield
+        yield False
         return
     cluster = spec.cluster
     if cluster.address == "local":
@@ -153,7 +154,7 @@ def ray_session(spec: JobSpec, verbose: bool) -> Iterator[None]:
     else:
         ray.init(address=cluster.address, log_to_driver=verbose, namespace="ember")
     try:
-        yield
+        yield cluster.address == "local"
     finally:
         ray.shutdown()
 
@@ -186,23 +187,30 @@ def forward_preemption_signals(run_dir: Path) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-# How often Ray Train's controller polls the worker group (Ray's default 2 s): the run's end, a worker's death and
-# each report wait for the next poll. Ray Train passes it from this driver's environment to its controller.
-CONTROLLER_POLL_S = "0.5"
+# Ray Train's settings ember chooses; Ray Train passes them from this driver's environment to its controller, and a
+# user's own setting wins. The poll: how often the controller polls the worker group (Ray's default 2 s): the run's
+# end, a worker's death and each report wait for the next poll. The preemption watcher: an actor of its own per
+# worker group that polls the GCS for draining nodes and only logs them, while ember's loop already watches its
+# nodes' drains and checkpoints (train/preemption.py); off, it is one process less to start (ray_trainer.py).
+RAY_TRAIN_SETTINGS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
-def build_trainer(spec: JobSpec, run_dir: Path, queue: Any):
+def build_trainer(spec: JobSpec, run_dir: Path, queue: Any, autoscaler: bool = True):
+    """autoscaler: False where the Ray has none to ask for the workers' resources (the embedded one)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", CONTROLLER_POLL_S)  # a user's own setting wins
+    from ember.train.ray_trainer import EmberTorchTrainer
+
+    for name, value in RAY_TRAIN_SETTINGS.items():
+        os.environ.setdefault(name, value)
 
     cluster = spec.cluster
     use_gpu = cluster.device == "cuda" or (cluster.device == "auto" and _cluster_has_gpus())
     resources = {"CPU": cluster.cpus_per_worker, **cluster.resources_per_worker}
     if use_gpu:
         resources["GPU"] = 1
-    return TorchTrainer(
+    return EmberTorchTrainer(
         train_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir), "queue": queue,
                            "report_to_ray": True},
@@ -213,6 +221,7 @@ def build_trainer(spec: JobSpec, run_dir: Path, queue: Any):
             failure_config=FailureConfig(max_failures=0),  # ember's own attempts loop decides (retry.py)
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        autoscaler=autoscaler,
     )
 
 

@@ -1,0 +1,145 @@
+"""Where `ember run`'s start-up goes: CPU seconds per process until the first training step.
+
+    python bench/startup.py [--rounds 2] [--steps 5] [--compare-env NAME=VALUE ...]
+
+Runs `ember run jobs/quickstart.yaml` for a few steps (shards built, a fresh run folder each time) and samples
+every process the command starts (psutil, every 0.1 s; Ray's GCS, raylet, agents and workers are all its
+descendants) until rank 0 writes its first step event. Each process's CPU time (user + system) at that moment
+is summed by role, with when the role's first process started. On a machine of N cores, CPU seconds / N is
+the least wall time that work can take however it is overlapped: when the CPU is busy nearly all the time,
+start-up is bound by that work, and only less work (fewer processes, fewer imports) makes it shorter. With
+--compare-env, rounds alternate between the plain environment and one with those variables set (e.g.
+RAY_enable_worker_prestart=0). The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = REPO / "jobs" / "quickstart.yaml"
+AGENTS = {"gcs_server": "GCS", "raylet": "raylet", "dashboard/agent.py": "dashboard agent",
+          "runtime_env/agent/main.py": "runtime env agent", "log_monitor.py": "log monitor",
+          "dashboard/dashboard.py": "dashboard", "monitor.py": "autoscaler monitor"}
+
+
+def role(process: psutil.Process, root: int, titles: dict[int, str]) -> str:
+    """What a process is, by its command line: the driver, one of Ray's daemons, or a Ray worker by the
+    most specific title it showed (Ray renames workers `ray::Class.method`); a worker's own children apart."""
+    if process.pid == root:
+        return "driver (ember run)"
+    title = titles.get(process.pid, "")
+    for marker, name in AGENTS.items():
+        if marker in title:
+            return name
+    if title.startswith("ray::"):
+        name = title[5:].split(".")[0].split(" ")[0]
+        return "idle Ray worker (never used)" if name == "IDLE" else f"Ray worker: {name}"
+    return f"other: {title[:40]}"
+
+
+def sample(tree: dict[int, psutil.Process], cpu: dict[int, float], titles: dict[int, str], root: psutil.Process):
+    for process in [root, *root.children(recursive=True)]:
+        tree.setdefault(process.pid, process)
+        try:
+            times = process.cpu_times()
+            cmdline = " ".join(process.cmdline())
+        except psutil.Error:
+            continue
+        cpu[process.pid] = times.user + times.system
+        previous = titles.get(process.pid, "")
+        if not previous or previous.startswith("ray::IDLE") or not cmdline.startswith("ray::IDLE"):
+            titles[process.pid] = cmdline  # keep the most specific title a worker showed
+
+
+def first_step_seen(events: Path) -> bool:
+    if not events.is_file():
+        return False
+    return any('"kind": "step"' in line or '"kind":"step"' in line for line in events.read_text().splitlines())
+
+
+def measure(run_dir: Path, steps: int, extra_env: dict[str, str]) -> dict:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **extra_env}
+    command = [sys.executable, "-m", "ember.cli", "run", str(SPEC), "--set", f"run_dir={run_dir}",
+               "--set", f"schedule.steps={steps}", "--set", "logging.sample_tokens=0"]
+    started = time.time()
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    root = psutil.Process(driver.pid)
+    tree: dict[int, psutil.Process] = {}
+    cpu: dict[int, float] = {}
+    titles: dict[int, str] = {}
+    while not first_step_seen(run_dir / "events.jsonl"):
+        if driver.poll() is not None:
+            raise SystemExit(f"ember run exited ({driver.returncode}) before its first step:\n{driver.stderr.read()}")
+        sample(tree, cpu, titles, root)
+        time.sleep(0.1)
+    first_step_s = time.time() - started
+    sample(tree, cpu, titles, root)
+    by_role: dict[str, list[float]] = collections.defaultdict(list)
+    born: dict[str, float] = {}
+    for pid, seconds in cpu.items():
+        name = role(tree[pid], driver.pid, titles)
+        by_role[name].append(seconds)
+        with contextlib.suppress(psutil.Error):
+            born[name] = min(born.get(name, float("inf")), tree[pid].create_time() - started)
+    _, stderr = driver.communicate(timeout=600)
+    if driver.returncode != 0:
+        raise SystemExit(f"ember run failed ({driver.returncode}):\n{stderr[-3000:]}")
+    total = sum(cpu.values())
+    return {"first_step_s": round(first_step_s, 2), "cpu_s": round(total, 2),
+            "roles": {name: [len(times), round(sum(times), 2), round(born.get(name, 0.0), 1)] for name, times in
+                      sorted(by_role.items(), key=lambda item: born.get(item[0], 0.0))}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--compare-env", nargs="*", default=[], metavar="NAME=VALUE")
+    args = parser.parse_args()
+    from ember.data.build import build_text_shards
+
+    if not (REPO / "data" / "stdlib-text" / "shards.json").is_file():
+        build_text_shards(REPO / "data" / "stdlib-text", train_shards=8)
+    variants = {"as is": {}}
+    if args.compare_env:
+        variants[" ".join(args.compare_env)] = dict(item.split("=", 1) for item in args.compare_env)
+    cores = os.cpu_count() or 1
+    results: dict[str, list[dict]] = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as scratch:
+        for round_index in range(args.rounds):
+            order = list(variants) if round_index % 2 == 0 else list(reversed(variants))
+            for name in order:
+                load = os.getloadavg()[0]
+                measured = measure(Path(scratch) / f"run-{round_index}-{len(results[name])}-{order.index(name)}",
+                                   args.steps, variants[name])
+                results[name].append(measured)
+                busy = measured["cpu_s"] / measured["first_step_s"]
+                print(f"{name} round {round_index} (load {load:.2f} at start): first step "
+                      f"{measured['first_step_s']:.1f} s, {measured['cpu_s']:.1f} CPU s = {busy:.2f} of {cores} cores "
+                      "busy", flush=True)
+                for role_name, (count, seconds, born) in measured["roles"].items():
+                    print(f"    {role_name:38s} {count:2d} process(es) {seconds:6.2f} CPU s, first started at "
+                          f"{born:5.1f} s", flush=True)
+    summary = {"bench": "startup", "cores": cores}
+    for name, runs in results.items():
+        summary[name] = {"first_step_s": statistics.median(r["first_step_s"] for r in runs),
+                         "cpu_s": statistics.median(r["cpu_s"] for r in runs),
+                         "cpu_floor_s": round(statistics.median(r["cpu_s"] for r in runs) / cores, 2)}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
