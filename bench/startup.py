@@ -37,7 +37,7 @@ AGENTS = {"gcs_server": "GCS", "raylet": "raylet", "dashboard/agent.py": "dashbo
 
 def role(process: psutil.Process, root: int, titles: dict[int, str]) -> str:
     """What a process is, by its command line: the driver, one of Ray's daemons, or a Ray worker by the
-    most specific title it showed (Ray renames workers `ray::Class.method`); a worker's own children apart."""
+    most specific title it showed (Ray renames workers `ray::Class.method`); anything else by its command line."""
     if process.pid == root:
         return "driver (ember run)"
     title = titles.get(process.pid, "")
@@ -75,14 +75,17 @@ def measure(run_dir: Path, steps: int, extra_env: dict[str, str]) -> dict:
     command = [sys.executable, "-m", "ember.cli", "run", str(SPEC), "--set", f"run_dir={run_dir}",
                "--set", f"schedule.steps={steps}", "--set", "logging.sample_tokens=0"]
     started = time.time()
-    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = run_dir.parent / f"{run_dir.name}.log"  # a file, not a pipe: a full pipe would stall the run
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as output:
+        driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=output)
     root = psutil.Process(driver.pid)
     tree: dict[int, psutil.Process] = {}
     cpu: dict[int, float] = {}
     titles: dict[int, str] = {}
     while not first_step_seen(run_dir / "events.jsonl"):
         if driver.poll() is not None:
-            raise SystemExit(f"ember run exited ({driver.returncode}) before its first step:\n{driver.stderr.read()}")
+            raise SystemExit(f"ember run exited ({driver.returncode}) before its first step:\n{log.read_text()}")
         sample(tree, cpu, titles, root)
         time.sleep(0.1)
     first_step_s = time.time() - started
@@ -94,9 +97,8 @@ def measure(run_dir: Path, steps: int, extra_env: dict[str, str]) -> dict:
         by_role[name].append(seconds)
         with contextlib.suppress(psutil.Error):
             born[name] = min(born.get(name, float("inf")), tree[pid].create_time() - started)
-    _, stderr = driver.communicate(timeout=600)
-    if driver.returncode != 0:
-        raise SystemExit(f"ember run failed ({driver.returncode}):\n{stderr[-3000:]}")
+    if driver.wait(timeout=600) != 0:
+        raise SystemExit(f"ember run failed ({driver.returncode}):\n{log.read_text()[-3000:]}")
     total = sum(cpu.values())
     return {"first_step_s": round(first_step_s, 2), "cpu_s": round(total, 2),
             "roles": {name: [len(times), round(sum(times), 2), round(born.get(name, 0.0), 1)] for name, times in
