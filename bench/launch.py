@@ -52,10 +52,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    from ember.data.build import build_text_shards
+    from ember.data.build import ensure_shards
+    from ember.spec import JobSpec
 
-    if not (REPO / "data" / "stdlib-text" / "shards.json").is_file():
-        build_text_shards(REPO / "data" / "stdlib-text", train_shards=8)
+    ensure_shards(JobSpec.load(SPEC).data)  # what `ember run` of the quickstart would build, before any timing
     results: dict[str, list[dict[str, float]]] = {"ray": [], "torchrun": []}
     with tempfile.TemporaryDirectory() as scratch:
         for round_index in range(args.rounds):

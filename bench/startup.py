@@ -111,10 +111,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--compare-env", nargs="*", default=[], metavar="NAME=VALUE")
     args = parser.parse_args()
-    from ember.data.build import build_text_shards
+    from ember.data.build import ensure_shards
+    from ember.spec import JobSpec
 
-    if not (REPO / "data" / "stdlib-text" / "shards.json").is_file():
-        build_text_shards(REPO / "data" / "stdlib-text", train_shards=8)
+    ensure_shards(JobSpec.load(SPEC).data)  # what `ember run` of the quickstart would build, before any timing
     variants = {"as is": {}}
     if args.compare_env:
         variants[" ".join(args.compare_env)] = dict(item.split("=", 1) for item in args.compare_env)

@@ -262,13 +262,6 @@ def table_cell(side: dict, seconds: float) -> str:
     return "      -      " if found is None else f"{found[1]:.4f} @{found[0]:>4}"
 
 
-def ensure_shards() -> None:
-    from ember.data.build import build_text_shards
-
-    if not (SHARDS / "shards.json").is_file():
-        build_text_shards(SHARDS, train_shards=8)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-s", type=float, default=150.0, help="wall time each side gets, start-up included")
@@ -287,12 +280,13 @@ def main() -> None:
     if args.plain_run:
         args.plain_run.write_text(json.dumps(plain_training(args)))
         return
+    from ember.data.build import ensure_shards
     from ember.spec import JobSpec
 
     cluster = JobSpec.load(SPEC, spec_overrides(args)).cluster  # a bad --set fails here, before any timing
     ember_threads = f"{cluster.num_workers} workers x {cluster.cpus_per_worker:g}"
     args.threads = args.threads or max(1, int(cluster.num_workers * cluster.cpus_per_worker))
-    ensure_shards()
+    ensure_shards(JobSpec.load(SPEC).data)  # the quickstart's own shards (SHARDS), which both sides read
     rounds = []
     with tempfile.TemporaryDirectory(prefix="ember-ttq-") as scratch:
         for index in range(args.rounds):

@@ -36,9 +36,6 @@ if FixedScalingPolicy is not None:
         def _maybe_send_resource_request(self) -> None:
             pass
 
-        def _send_resource_request(self) -> None:
-            pass
-
 
 class EmberTorchTrainer(TorchTrainer):
     def __init__(self, *args: Any, autoscaler: bool = True, **kwargs: Any) -> None:
