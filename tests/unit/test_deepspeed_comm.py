@@ -25,3 +25,47 @@ def test_deepspeed_comm_starts_without_building_the_shared_memory_op(tmp_path: P
     assert result["backend_started"]
     assert result["shared_memory_op"] is None
     assert list(tmp_path.iterdir()) == []  # deepspeed_shm_comm/ appears here when DeepSpeed compiles it
+
+
+def build_zero2_engine_and_step(rank: int, world_size: int) -> dict[str, Any]:
+    import sys
+
+    import torch
+
+    from ember.engines.base import build_engine
+    from ember.engines.deepspeed.comm import MUON_MODULE
+    from ember.models import build_model
+    from ember.spec import JobSpec
+    from ember.train.objectives.lm import lm_loss, split_batch
+    from ember.world import world_from_env
+
+    spec = JobSpec.from_dict({
+        "name": "no-inductor",
+        "model": {"d_model": 32, "n_heads": 4, "n_layers": 2, "seq_len": 16},
+        "data": {"train": {"urls": "unused-the-test-feeds-a-batch"}},
+        "engine": {"kind": "deepspeed", "zero_stage": 2},
+        "schedule": {"steps": 2, "micro_batch": 2, "global_batch": 2},
+        "cluster": {"num_workers": 1, "device": "cpu"},
+    })
+    world = world_from_env("cpu")
+    engine = build_engine(spec, build_model(spec.model, world.expert_placement(spec.model), seed=0), world)
+    inputs, targets = split_batch(torch.arange(2 * 17).reshape(2, 17))
+    loss, _ = lm_loss(engine.forward(inputs), targets, aux_weight=0.0)
+    engine.backward(loss)
+    engine.step()
+    return {
+        "muon_imported": MUON_MODULE in sys.modules,  # DeepSpeed's ZeRO check ran and found its module
+        "inductor_compiler_imported": "torch._inductor.compile_fx" in sys.modules,
+        "default_backend": torch.compiler.get_default_backend(),
+        "loss": loss.item(),
+    }
+
+
+def test_a_zero_engine_builds_and_steps_without_importing_inductors_compiler() -> None:
+    """DeepSpeed's ZeRO check imports its Muon optimizer, whose torch.compile decorators would import inductor's
+    compiler in every rank (comm.import_muon_without_inductor); torch's default backend is left as it was."""
+    (result,) = run_on_ranks(build_zero2_engine_and_step, 1, timeout_s=180)
+    assert result["muon_imported"]
+    assert not result["inductor_compiler_imported"]
+    assert result["default_backend"] == "inductor"
+    assert 0 < result["loss"] < 10

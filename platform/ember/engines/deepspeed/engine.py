@@ -15,7 +15,7 @@ from torch import nn
 
 from ember.checkpoint.io import save_file
 from ember.engines.base import ENGINES
-from ember.engines.deepspeed.comm import init_deepspeed_comm
+from ember.engines.deepspeed.comm import import_muon_without_inductor, init_deepspeed_comm
 from ember.engines.deepspeed.moe import expose_to_deepspeed
 from ember.engines.optim import build_optimizer, build_scheduler
 from ember.errors import UserError
@@ -171,6 +171,7 @@ def build_deepspeed_engine(spec, model: nn.Module, world: World) -> DeepSpeedEng
     import deepspeed
 
     init_deepspeed_comm(world.backend)
+    import_muon_without_inductor()
     expose_to_deepspeed(model)  # ember's MoE layers: ZeRO's expert groups and per-expert checkpoint files
     offloads = spec.engine.offload_optimizer != "none"
     optimizer = build_optimizer(model, spec.optim, fused=world.device.type == "cuda" and not offloads)
