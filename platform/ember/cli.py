@@ -100,7 +100,22 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the workers' own logs.")] = False,
 ) -> None:
     """Train: build missing shards, start or join Ray, run the job, checkpoint and log."""
-    _train(_load(spec, set_), verbose, f"ember run {spec}")
+    job = _load(spec, set_)
+    if job.cluster.address == "local":
+        _note_running_cluster()
+    _train(job, verbose, f"ember run {spec}")
+
+
+def _note_running_cluster() -> None:
+    """An embedded Ray beside a running `ember up` head: two Rays on the same cores, and a slower start."""
+    from ember.cluster.local import running_heads
+
+    heads = running_heads(STATE_DIR)
+    if heads:
+        names = ", ".join(repr(head.name) for head in heads)
+        errors.print(f"note: the `ember up` cluster {names} runs on this machine; this run starts an embedded Ray "
+                     "beside it on the same cores. `--set cluster.address=auto` runs on the cluster instead and "
+                     "starts sooner.", markup=False, highlight=False, soft_wrap=True)
 
 
 def _train(job, verbose: bool, label: str) -> None:

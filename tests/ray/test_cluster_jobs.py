@@ -76,3 +76,20 @@ def test_a_bad_spec_is_refused_before_anything_is_sent(cluster) -> None:
     assert refused.returncode == 2
     assert "engine.zero_stage" in refused.stderr
     assert "engine-debug" not in ember("list", "--address", address, env=env).stdout
+
+
+def test_ember_run_beside_a_running_cluster_says_how_to_run_on_it(cluster, tmp_path: Path) -> None:
+    """`ember run` with the embedded Ray while an `ember up` head runs here: one note naming the cluster and the
+    setting that uses it. Missing shards stop the run (exit 2) before any Ray starts."""
+    _, env = cluster
+    no_shards = ["--set", "data.build=null", "--set", f"data.train.urls={tmp_path}/none-{{000000..000001}}.tar"]
+    beside = ember("run", str(REPO / "jobs/debug/tiny-dense.yaml"), *no_shards, env=env)
+    assert beside.returncode == 2, beside.stdout + beside.stderr
+    assert f"the `ember up` cluster 't{os.getpid()}' runs on this machine" in beside.stderr
+    assert "--set cluster.address=auto" in beside.stderr
+    assert "none-000000.tar" in beside.stderr
+    alone = ember("run", str(REPO / "jobs/debug/tiny-dense.yaml"), *no_shards,
+                  env={**env, "EMBER_HOME": str(tmp_path / "no-clusters")})
+    assert alone.returncode == 2
+    assert "none-000000.tar" in alone.stderr
+    assert "note:" not in alone.stderr  # no cluster recorded in that EMBER_HOME

@@ -183,6 +183,28 @@ def down(state_dir: Path, name: str) -> int:
     return stopped
 
 
+def running_heads(state_dir: Path) -> list[LocalCluster]:
+    """The heads `ember up` started on this machine whose GCS still runs (a record left by a Ray that died, or
+    one that cannot be read, is skipped)."""
+    heads = []
+    for record in sorted(state_dir.glob("*.json")) if state_dir.is_dir() else []:
+        try:
+            cluster = LocalCluster(**json.loads(record.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+        if cluster.role == "head" and _gcs_running_under(cluster.temp_dir):
+            heads.append(cluster)
+    return heads
+
+
+def _gcs_running_under(temp_dir: str) -> bool:
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if cmdline and cmdline[0].endswith("gcs_server") and any(temp_dir in part for part in cmdline):
+            return True
+    return False
+
+
 def stop_processes_under(temp_dir: str) -> int:
     """Terminate (then kill) every process naming temp_dir on its command line, and their children."""
     me = psutil.Process()
