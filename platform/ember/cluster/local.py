@@ -198,18 +198,19 @@ def running_heads(state_dir: Path) -> list[LocalCluster]:
 
 
 def _gcs_running_under(temp_dir: str) -> bool:
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info["cmdline"] or []
-        if cmdline and cmdline[0].endswith("gcs_server") and any(temp_dir in part for part in cmdline):
-            return True
-    return False
+    return any(_is_gcs(process) for process in processes_naming(temp_dir))
+
+
+def processes_naming(temp_dir: str) -> list[psutil.Process]:
+    """The processes naming temp_dir on their command line: the Ray `ember up` started there."""
+    return [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in part for part in p.info["cmdline"] or [])]
 
 
 def stop_processes_under(temp_dir: str) -> int:
     """Terminate (then kill) every process naming temp_dir on its command line, and their children."""
     me = psutil.Process()
     spared = {me.pid, *(p.pid for p in me.parents())}  # a caller whose own command line names the folder
-    roots = [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in part for part in p.info["cmdline"] or [])]
+    roots = processes_naming(temp_dir)
     processes = {p.pid: p for root in roots for p in [root, *_children(root)] if p.pid not in spared}
     # The GCS last: the raylet, agents and monitors exit at once on SIGTERM while it is up; terminated together
     # with it, the raylet waits ~12 s for it and the GCS and log monitor did not exit within 20 s (measured).
