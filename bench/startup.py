@@ -67,11 +67,11 @@ def sample(tree: dict[int, psutil.Process], cpu: dict[int, float], titles: dict[
             continue
         tree.setdefault(process.pid, process)
         try:
-            times = process.cpu_times()
+            spent = cpu_seconds(process)
             cmdline = " ".join(process.cmdline())
         except psutil.Error:
             continue
-        cpu[process.pid] = times.user + times.system - baseline.get(process.pid, 0.0)
+        cpu[process.pid] = spent - baseline.get(process.pid, 0.0)
         previous = titles.get(process.pid, "")
         if not previous or previous.startswith("ray::IDLE") or not cmdline.startswith("ray::IDLE"):
             titles[process.pid] = cmdline  # keep the most specific title a worker showed
@@ -83,12 +83,16 @@ def first_step_seen(events: Path) -> bool:
     return any('"kind": "step"' in line or '"kind":"step"' in line for line in events.read_text().splitlines())
 
 
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
 def cpu_now() -> dict[int, float]:
     now = {}
     for process in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
-            times = process.cpu_times()
-            now[process.pid] = times.user + times.system
+            now[process.pid] = cpu_seconds(process)
     return now
 
 
