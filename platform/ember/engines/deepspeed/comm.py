@@ -33,7 +33,7 @@ def init_deepspeed_comm(backend: str) -> None:
 # DeepSpeed's ZeRO check (`is_zero_supported_optimizer`, run by every deepspeed.initialize with ZeRO on) imports its
 # Muon optimizer to add it to the list of supported ones, whatever optimizer it was given. That module decorates
 # three functions with `torch.compile`, and torch.compile under the default backend builds inductor's wrapper at
-# decoration time, which imports inductor's compiler: 181 modules, 1.1-1.5 CPU s per rank (bench/RESULTS.md,
+# decoration time, which imports inductor's compiler: 181 modules, 1.1-1.7 CPU s per rank (bench/RESULTS.md,
 # *Start-up*), in every worker of every run, for an optimizer ember's spec cannot name.
 MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
 
