@@ -11,7 +11,6 @@ interpreter start-ups of Ray or torchrun.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
 import time
@@ -28,7 +27,7 @@ from ember.checkpoint.io import load_file, save_file
 from ember.checkpoint.manager import CheckpointManager, Retention, lineage_of, read_state, step_of
 from ember.checkpoint.manifest import verify_manifest
 from ember.world import World
-from tests.helpers.distributed import free_port
+from tests.helpers.distributed import FORKSERVER, free_port, preload_in_forkserver
 
 pytestmark = pytest.mark.distributed
 WORLD_SIZE, EVERY, TOTAL, CRASH_STEP, KEEP_LAST = 2, 2, 8, 6, 2
@@ -36,8 +35,7 @@ RANK_POINTS = ("before_rank_files", "after_rank_files", "after_report")  # every
 COMMIT_POINTS = ("after_manifest", "after_rename", "mid_retention")  # rank 0 only
 CASES = [(point, rank) for point in RANK_POINTS for rank in range(WORLD_SIZE)]
 CASES += [(point, 0) for point in (*COMMIT_POINTS, "mid_replace")]
-FORKSERVER = multiprocessing.get_context("forkserver")
-FORKSERVER.set_forkserver_preload(["torch", "ember.checkpoint.manager", "tests.distributed.test_crash_points"])
+preload_in_forkserver(__name__)
 
 
 class TinyEngine:
