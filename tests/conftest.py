@@ -15,17 +15,29 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def ray_token(folder: Path) -> Path:
+    """The tests' own Ray token in `folder` (made once per folder: see ray_auth_folder)."""
+    token_path = folder / "auth_token"
+    if not token_path.exists():
+        token_path.write_text(secrets.token_hex(32))
+        token_path.chmod(0o600)
+    return token_path
+
+
 def isolate_ray(patch: pytest.MonkeyPatch, folder: Path) -> Path:
     """No RAY_ADDRESS to join the developer's cluster, no RAY_AUTH_TOKEN to send, and a token of the tests' own
     (for the embedded Rays and `ember up`) instead of the real ~/.ray/auth_token. Returns the token's path."""
-    token_path = folder / "auth_token"
-    if not token_path.exists():  # one per folder: see ray_auth_folder
-        token_path.write_text(secrets.token_hex(32))
-        token_path.chmod(0o600)
+    token_path = ray_token(folder)
     for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
         patch.delenv(name, raising=False)
     patch.setenv("RAY_AUTH_TOKEN_PATH", str(token_path))
     return token_path
+
+
+def isolated_env(folder: Path, **extra: str) -> dict[str, str]:
+    """This process's environment as isolate_ray leaves it, as a dict for a subprocess, plus `extra`."""
+    env = {name: value for name, value in os.environ.items() if name not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    return {**env, "RAY_AUTH_TOKEN_PATH": str(ray_token(folder)), "RAY_USAGE_STATS_ENABLED": "0", **extra}
 
 
 @pytest.fixture(scope="session")

@@ -105,7 +105,8 @@ def test_a_laptop_job_reading_shards_over_http_survives_losing_a_whole_host(ray_
     host2's rank is paused at the end of step 25 (step 20 committed), every process of host2 dies at once; a fresh
     host joins with the token, the job resumes from step 20 (the data cursor pins the shards by the sha256 in the
     served shards.json) and ends with the uninterrupted run's weights, bit for bit. The logs stream to the
-    laptop. (A SIGKILL of one rank that Ray restarts on the same hosts is tests/ray/test_fault_tolerance.py's.)"""
+    laptop. (A SIGKILL of one rank that Ray restarts on the same hosts is in
+    tests/ray/cluster/test_fault_tolerance.py.)"""
     hosts, run_dir = ray_hosts.hosts, ray_hosts.hosts.shared_dir / "runs/from-laptop"
     host1, host2 = hosts.hosts["host1"], ray_hosts.workers[-1]
     with shards_over_http(host1, text_shards) as (url, requests):

@@ -1,5 +1,10 @@
 """Real faults on a real local Ray: kill -9 of a worker, SIGTERM to the driver, Ctrl-C. Resumes are bitwise exact.
 
+The uninterrupted reference runs on the ray tier's `ember up` cluster; the faulted runs start their own embedded
+Ray, as `ember run` does by default: SIGTERM and Ctrl-C test the driver's handling of its own Ray and workers,
+and the worker that kills itself reads EMBER_FAULT from the environment it inherits from the driver (a cluster's
+workers inherit their raylet's).
+
 Faults happen at named steps (EMBER_FAULT, checkpoint/fault.py): a worker kills itself at a step's end, or
 pauses there while the test signals the driver, so no test races the ~25 ms steps.
 """
@@ -21,9 +26,10 @@ import pytest
 from ember.errors import RESUMABLE_EXIT_CODE
 from tests.conftest import shard_overrides
 from tests.helpers.runs import assert_bitwise_equal, final_weights
+from tests.ray.cluster.conftest import ON_CLUSTER, EmberCluster
 
 pytestmark = pytest.mark.ray
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 STEPS = 24
 
 
@@ -64,9 +70,11 @@ def signal_while_paused(run_dir: Path, marker: Path, process: subprocess.Popen, 
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def uninterrupted(shards: Path, tmp_path_factory: pytest.TempPathFactory, ember_cluster: EmberCluster) -> dict:
     run_dir = tmp_path_factory.mktemp("ft-reference") / "reference"
-    subprocess.run(command(run_dir, shards), check=True, capture_output=True, timeout=600)
+    done = subprocess.run(command(run_dir, shards, ON_CLUSTER), capture_output=True, text=True, timeout=600,
+                          env=ember_cluster.run_env())
+    assert done.returncode == 0, done.stdout + done.stderr
     return final_weights(run_dir, run_dir.parent)
 
 

@@ -1,8 +1,8 @@
-"""`ember run` end to end on a real embedded Ray: train, log, checkpoint, resume, export."""
+"""`ember run` end to end on the ray tier's `ember up` cluster (cluster.address=auto): train, log, checkpoint,
+resume, export."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +18,10 @@ from ember.observe.tensorboard import read_scalars
 from ember.train.objectives.lm import split_batch
 from ember.world import local_world
 from tests.conftest import shard_overrides
+from tests.ray.cluster.conftest import ON_CLUSTER, EmberCluster
 
 pytestmark = pytest.mark.ray
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +29,17 @@ def shards(text_shards: Path) -> Path:
     return text_shards
 
 
-def ember_run(spec: str, run_dir: Path, shards: Path, *overrides: str) -> subprocess.CompletedProcess:
-    items = [f"run_dir={run_dir}", *shard_overrides(shards), *overrides]
+def ember_run(cluster: EmberCluster, spec: str, run_dir: Path, shards: Path,
+              *overrides: str) -> subprocess.CompletedProcess:
+    items = [f"run_dir={run_dir}", *shard_overrides(shards), ON_CLUSTER, *overrides]
     args = [sys.executable, "-m", "ember.cli", "run", str(REPO / spec), *[p for item in items for p in ("--set", item)]]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    return subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, env=cluster.run_env())
 
 
-def test_moe_run_logs_checkpoints_resumes_and_exports(tmp_path: Path, shards: Path) -> None:
+def test_moe_run_logs_checkpoints_resumes_and_exports(tmp_path: Path, shards: Path,
+                                                      ember_cluster: EmberCluster) -> None:
     run_dir = tmp_path / "run"
-    first = ember_run("jobs/debug/tiny-moe.yaml", run_dir, shards)
+    first = ember_run(ember_cluster, "jobs/debug/tiny-moe.yaml", run_dir, shards)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "held-out loss" in first.stdout
     assert "sample after 30 steps" in first.stdout
@@ -54,7 +56,7 @@ def test_moe_run_logs_checkpoints_resumes_and_exports(tmp_path: Path, shards: Pa
     assert [c.name for c in checkpoints] == ["step_000030", "step_000015"]
     assert verify_manifest(checkpoints[0]) == []
 
-    second = ember_run("jobs/debug/tiny-moe.yaml", run_dir, shards, "schedule.steps=40")
+    second = ember_run(ember_cluster, "jobs/debug/tiny-moe.yaml", run_dir, shards, "schedule.steps=40")
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"resuming from {run_dir / 'checkpoints' / 'step_000030'} (step 30)" in second.stdout
     steps = [step for step, _ in read_scalars(run_dir / "tensorboard", "train/loss")]

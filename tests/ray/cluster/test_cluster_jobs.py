@@ -1,9 +1,8 @@
-"""`ember up`, `submit`, `status`, `logs`, `list`, `down` against a real Ray head on 127.0.0.1 with token auth."""
+"""`ember up`, `submit`, `status`, `logs`, `list`, `down` against a real Ray head on 127.0.0.1 with token auth
+(the ray tier's cluster: `ember up` starts it, `ember down` at the tier's end must leave no process of it)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -13,27 +12,16 @@ import pytest
 
 from tests.conftest import shard_overrides
 from tests.helpers.cli import ember
-from tests.helpers.distributed import free_port
+from tests.ray.cluster.conftest import EmberCluster
 
 pytestmark = pytest.mark.ray
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    home = tmp_path_factory.mktemp("ember-home")
-    env = {**os.environ, "EMBER_HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}
-    port, name = free_port(), f"t{os.getpid()}"
-    started = ember("up", "--port", str(port), "--gcs-port", str(free_port()), "--num-cpus", "2", "--name", name,
-                    env=env)
-    assert started.returncode == 0, started.stdout + started.stderr
-    try:
-        yield f"http://127.0.0.1:{port}", env
-    finally:
-        stopped = ember("down", "--name", name, env=env)
-        assert stopped.returncode == 0, stopped.stderr
-        assert not [line for line in subprocess.run(["ps", "axww"], capture_output=True, text=True).stdout.splitlines()
-                    if f"ember-ray-{name}" in line]
+def cluster(ember_cluster: EmberCluster) -> tuple[str, dict[str, str]]:
+    """This package's `ember up` head (tests/ray/cluster/conftest.py): its jobs API and its `ember` commands' env."""
+    return ember_cluster.dashboard, ember_cluster.env
 
 
 def test_the_jobs_api_refuses_requests_without_the_token(cluster) -> None:
@@ -78,14 +66,14 @@ def test_a_bad_spec_is_refused_before_anything_is_sent(cluster) -> None:
     assert "engine-debug" not in ember("list", "--address", address, env=env).stdout
 
 
-def test_ember_run_beside_a_running_cluster_says_how_to_run_on_it(cluster, tmp_path: Path) -> None:
+def test_ember_run_beside_a_running_cluster_says_how_to_run_on_it(ember_cluster: EmberCluster, tmp_path: Path) -> None:
     """`ember run` with the embedded Ray while an `ember up` head runs here: one note naming the cluster and the
     setting that uses it. Missing shards stop the run (exit 2) before any Ray starts."""
-    _, env = cluster
+    env = ember_cluster.env
     no_shards = ["--set", "data.build=null", "--set", f"data.train.urls={tmp_path}/none-{{000000..000001}}.tar"]
     beside = ember("run", str(REPO / "jobs/debug/tiny-dense.yaml"), *no_shards, env=env)
     assert beside.returncode == 2, beside.stdout + beside.stderr
-    assert f"the `ember up` cluster 't{os.getpid()}' runs on this machine" in beside.stderr
+    assert f"the `ember up` cluster '{ember_cluster.name}' runs on this machine" in beside.stderr
     assert "--set cluster.address=auto" in beside.stderr
     assert "none-000000.tar" in beside.stderr
     alone = ember("run", str(REPO / "jobs/debug/tiny-dense.yaml"), *no_shards,
