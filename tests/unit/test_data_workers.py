@@ -1,5 +1,6 @@
 """DataLoader workers: 2 ranks x 2 real worker processes each, stopped and resumed, give the batches of an
-uninterrupted run; the saved cursor is what the trainer consumed, not what the workers prefetched."""
+uninterrupted run; the saved cursor is what the trainer consumed, not what the workers prefetched; the
+workers' groups of batches per transfer change neither the batches nor the cursor."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from ember.data.cursor import merge_states
 from ember.data.formats import ImageBatch
-from ember.data.loader import WorkerLoader, build_stream
+from ember.data.loader import GROUP_BATCHES, WorkerLoader, build_stream
 from ember.data.stream import ShardStream
 from ember.errors import UserError
 from ember.spec.data import DataSpec
@@ -99,6 +100,20 @@ def test_the_saved_cursor_is_what_was_consumed_not_what_was_prefetched(stdlib_sh
     state = loader.state()
     assert state["slots"] == expected["slots"]
     assert state["next_slot"]["1:0:next/2"] == 1
+
+
+def test_the_batches_and_cursor_are_the_same_whatever_the_workers_group_sizes(stdlib_shards: Path) -> None:
+    data = text_data(stdlib_shards)
+    grouped = build_stream(data, TEXT_MODEL, 3, rank=0, world_size=1)
+    one_by_one = build_stream(data, TEXT_MODEL, 3, rank=0, world_size=1)
+    assert isinstance(grouped, WorkerLoader) and isinstance(one_by_one, WorkerLoader)
+    assert grouped.group_batches == GROUP_BATCHES > 1
+    one_by_one.group_batches = 1  # read when its DataLoader starts, at the first batch
+    count = 2 * 2 * GROUP_BATCHES + 3  # past two groups of each worker, ending inside a group
+    assert all(same(a, b) for a, b in zip(take(grouped, count), take(one_by_one, count), strict=True))
+    assert grouped.state() == one_by_one.state()
+    grouped.close()
+    one_by_one.close()
 
 
 def test_more_workers_than_slots_is_a_user_error(stdlib_shards: Path) -> None:
