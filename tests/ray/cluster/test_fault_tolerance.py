@@ -1,9 +1,9 @@
 """Real faults on a real local Ray: kill -9 of a worker, SIGTERM to the driver, Ctrl-C. Resumes are bitwise exact.
 
-The uninterrupted reference runs on the ray tier's `ember up` cluster; the faulted runs start their own embedded
-Ray, as `ember run` does by default: SIGTERM and Ctrl-C test the driver's handling of its own Ray and workers,
-and the worker that kills itself reads EMBER_FAULT from the environment it inherits from the driver (a cluster's
-workers inherit their raylet's).
+The uninterrupted reference and the resume after SIGTERM run on this package's `ember up` cluster; the faulted
+runs start their own embedded Ray, as `ember run` does by default: SIGTERM and Ctrl-C test the driver's handling
+of its own Ray and workers, and the worker that kills itself reads EMBER_FAULT from the environment it inherits
+from the driver (a cluster's workers inherit their raylet's).
 
 Faults happen at named steps (EMBER_FAULT, checkpoint/fault.py): a worker kills itself at a step's end, or
 pauses there while the test signals the driver, so no test races the ~25 ms steps.
@@ -101,7 +101,10 @@ def ray_actors_under(pid: int) -> set[str]:
     return names
 
 
-def test_sigterm_to_the_driver_checkpoints_exits_75_and_resumes_exactly(shards, uninterrupted, tmp_path) -> None:
+def test_sigterm_to_the_driver_checkpoints_exits_75_and_resumes_exactly(
+    shards, uninterrupted, tmp_path, ember_cluster: EmberCluster
+) -> None:
+    """Preempted on its embedded Ray, resumed on the `ember up` cluster: the run folder is all a resume needs."""
     run_dir, marker = tmp_path / "preempted", tmp_path / "pause"
     process = subprocess.Popen(command(run_dir, shards), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=with_fault(f"step_end:0:8:pause@{marker}"))
@@ -120,7 +123,8 @@ def test_sigterm_to_the_driver_checkpoints_exits_75_and_resumes_exactly(shards, 
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["kind"] == "preempted"] == [8]
     assert any(e["kind"] == "checkpoint" and e["step"] == 8 for e in events)
-    resumed = subprocess.run(command(run_dir, shards), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(command(run_dir, shards, ON_CLUSTER), capture_output=True, text=True, timeout=600,
+                             env=ember_cluster.run_env())
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "(step 8)" in resumed.stdout
     assert_bitwise_equal(final_weights(run_dir, tmp_path), uninterrupted)
