@@ -19,7 +19,8 @@ pytestmark = pytest.mark.hosts
 PAUSE_STEP, STEPS = 10, 30
 POLL_S = 2.0  # ember.train.preemption.DRAIN_POLL_S: the loop asks the GCS at most this often
 
-# Run on the head: wait until the GCS has marked the node at sys.argv[2] dead (its health checks take ~30 s).
+# Run on the head: wait until the GCS has marked the node at sys.argv[2] dead (at once after `ember down` there;
+# a host that dies without it is found by the health checks, ~30 s: test_cluster.py's lost host).
 WAIT_NODE_DEAD = """
 import sys, time
 import ray
@@ -57,7 +58,9 @@ def join_blocking(ray_hosts: RayHosts, name: str, fault: str) -> tuple[subproces
 def test_sigterm_to_a_worker_hosts_ember_up_checkpoints_the_job_and_it_resumes_on_a_fresh_host(
         ray_hosts: RayHosts, shared_shards) -> None:
     hosts, shared = ray_hosts.hosts, ray_hosts.hosts.shared_dir
-    lost = ray_hosts.workers.pop()
+    lost = ray_hosts.workers.pop()  # retired the way a person retires a host: its Ray leaves the cluster at once
+    retired = ray_hosts.ember(lost, "down")
+    assert retired.returncode == 0, retired.stdout + retired.stderr
     hosts.remove_host(lost.name)  # the head's one CPU and the spot host's: one rank on each
     marker = shared / "drain-pause"
     spot, said = join_blocking(ray_hosts, "spot", f"step_end:*:{PAUSE_STEP}:pause@{marker}")
