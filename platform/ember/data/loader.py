@@ -8,10 +8,10 @@ renumbered so that the first one serves the worker whose batch was next, which m
 after a resume the one an uninterrupted run would have seen.
 
 Workers hand their batches over in groups (`GROUP_BATCHES`, `GROUP_BYTES`): each item through a worker's
-queue costs a fixed ~0.5 ms here (pickle, pipe, unpickle), which capped small text batches at ~1,850 a
-second. The trainer's process keeps each worker's group and takes one batch from each worker in turn, so the
-sequence of batches (and every cursor) is the same whatever the group sizes, and a resume in mid-group is
-exact.
+queue pays a fixed cost (pickle, pipe, unpickle), which capped small text batches at ~2,400 a second here; 16
+at a time, ~5,700 (bench/RESULTS.md, *Data loading*). The trainer's process keeps each worker's group and takes
+one batch from each worker in turn, so the sequence of batches (and every cursor) is the same whatever the
+group sizes, and a resume in mid-group is exact.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """`ember up`, `submit`, `status`, `logs`, `list`, `down` against a real Ray head on 127.0.0.1 with token auth
-(the ray tier's cluster: `ember up` starts it, `ember down` at the tier's end must leave no process of it)."""
+(this package's cluster: `ember up` starts it, `ember down` at the package's end must leave no process of it)."""
 
 from __future__ import annotations
 

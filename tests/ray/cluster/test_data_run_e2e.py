@@ -1,4 +1,4 @@
-"""`ember run` on image shards on the ray tier's `ember up` cluster: a tiny image-token GPT trains past a truncated
+"""`ember run` on image shards on this package's `ember up` cluster: a tiny image-token GPT trains past a truncated
 shard under data.on_error=skip (the count reaches TensorBoard), and under `raise` the run exits 2 naming it."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`ember run` end to end on the ray tier's `ember up` cluster (cluster.address=auto): train, log, checkpoint,
+"""`ember run` end to end on this package's `ember up` cluster (cluster.address=auto): train, log, checkpoint,
 resume, export."""
 
 from __future__ import annotations
