@@ -13,6 +13,7 @@ import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+DEVELOPER_RAY = ("RAY_ADDRESS", "RAY_AUTH_TOKEN")  # the developer's cluster and token: never reached by tests
 
 
 def ray_token(folder: Path) -> Path:
@@ -28,7 +29,7 @@ def isolate_ray(patch: pytest.MonkeyPatch, folder: Path) -> Path:
     """No RAY_ADDRESS to join the developer's cluster, no RAY_AUTH_TOKEN to send, and a token of the tests' own
     (for the embedded Rays and `ember up`) instead of the real ~/.ray/auth_token. Returns the token's path."""
     token_path = ray_token(folder)
-    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
+    for name in DEVELOPER_RAY:
         patch.delenv(name, raising=False)
     patch.setenv("RAY_AUTH_TOKEN_PATH", str(token_path))
     return token_path
@@ -36,7 +37,7 @@ def isolate_ray(patch: pytest.MonkeyPatch, folder: Path) -> Path:
 
 def isolated_env(folder: Path, **extra: str) -> dict[str, str]:
     """This process's environment as isolate_ray leaves it, as a dict for a subprocess, plus `extra`."""
-    env = {name: value for name, value in os.environ.items() if name not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    env = {name: value for name, value in os.environ.items() if name not in DEVELOPER_RAY}
     return {**env, "RAY_AUTH_TOKEN_PATH": str(ray_token(folder)), "RAY_USAGE_STATS_ENABLED": "0", **extra}
 
 
